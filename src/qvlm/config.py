@@ -1,0 +1,342 @@
+"""One typed dataclass tree for every setting of qvlm.
+
+Defaults live only here. A YAML file holds deltas, ``a.b=c`` overrides come last:
+defaults < YAML < overrides. Unknown keys and wrong types raise ``ConfigError`` naming the
+key. The resolved tree dumps to YAML and reads back identically (``dump_config``/``load_config``).
+
+The nesting follows the model (as HF ``Blip2Config`` nests vision / qformer / text configs):
+``model.vision``, ``model.qformer``, ``model.projector``, ``model.llm`` (+ ``model.llm.lora``),
+then ``data``, ``train`` and ``eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or override; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------
+
+# Defaults are the article's recipe (hub ids, for users online); configs/tiny.yaml and
+# configs/demo.yaml switch to random and packaged sources that work offline.
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image backbone (any HF vision tower: ViT, SigLIP/CLIP vision, DINOv2)."""
+
+    source: str = "google/vit-base-patch16-224-in21k"
+    layer: str = "last"  # "last" or "penultimate" hidden state
+    drop_cls: bool = False  # drop the leading [CLS] token from the sequence
+
+
+@dataclass
+class QFormerConfig:
+    """The Q-Former, initialised from a BERT-family checkpoint (cross-attention is new)."""
+
+    source: str = "bert-base-uncased"
+    tokenizer: str = ""  # "" = same as source
+    num_queries: int = 32
+    cross_attention_every: int = 2  # layers 0, k, 2k, ... get cross-attention (as BLIP-2)
+    max_text_len: int = 32
+    embed_dim: int = 256  # shared ITC space
+    dropout: float = 0.1
+
+
+@dataclass
+class ProjectorConfig:
+    """MLP from the Q-Former width to the LLM width."""
+
+    depth: int = 2  # number of Linear layers (1 = a single linear map)
+    hidden_dim: int = 0  # 0 = the LLM width
+    activation: str = "gelu"  # gelu | relu | silu | tanh
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class LLMConfig:
+    """The causal language model: frozen base + LoRA adapters."""
+
+    source: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    tokenizer: str = ""  # "" = same as source
+    use_lora: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    system_prompts: list[str] = field(
+        default_factory=lambda: ["You are a helpful assistant that can see images."]
+    )
+    user_prompts: list[str] = field(
+        default_factory=lambda: ["Describe the image.", "What is in this picture?"]
+    )
+    image_placeholder: str = "<image>"
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    trust_remote_code: bool = False  # only when the user asks for it
+
+
+@dataclass
+class DataConfig:
+    source: str = "synth"  # synth[:key=value,...] | file.jsonl | file.csv | HF dataset | shards
+    image_size: int = 0  # 0 = the vision tower's own size
+    max_caption_tokens: int = 64
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard
+    num_workers: int = 0
+    cache_dir: str = ""  # frozen-feature cache; "" = off
+    group_by_length: bool = False
+    augment: bool = False
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    losses: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "itg": 1.0})
+    lr: float = 1e-4
+    lr_qformer: float = 0.0  # 0 = lr
+    lr_projector: float = 0.0  # 0 = lr
+    lr_lora: float = 0.0  # 0 = lr
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto | bf16 | fp32
+    save_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    init_from: str = ""  # stage 2: a stage-1 model folder
+    freeze_qformer: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    data: str = ""
+    batch_size: int = 32
+    max_samples: int = 200
+    itm_rerank_k: int = 16
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (deltas only), then ``a.b=c`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_path(tree, key, value)
+    cfg = build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` -> ``("train.lr", 0.0003)``; the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot read value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain mapping, checking every key and type."""
+    where = prefix or "<root>"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r} (known under {where}: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints and numeric strings widen to floats."""
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__} {value!r}")
+        return {coerce(key_tp, k, key): coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    return coerce_scalar(tp, value, key)
+
+
+def coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - the tree only uses the types above
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"{key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; each names its key."""
+    checks = [
+        (cfg.model.vision.layer in ("last", "penultimate"), "model.vision.layer", "last or penultimate"),
+        (cfg.model.qformer.num_queries >= 1, "model.qformer.num_queries", ">= 1"),
+        (cfg.model.qformer.cross_attention_every >= 1, "model.qformer.cross_attention_every", ">= 1"),
+        (cfg.model.qformer.max_text_len >= 2, "model.qformer.max_text_len", ">= 2"),
+        (cfg.model.projector.depth >= 1, "model.projector.depth", ">= 1"),
+        (cfg.model.projector.activation in ("gelu", "relu", "silu", "tanh"), "model.projector.activation",
+         "one of gelu, relu, silu, tanh"),
+        (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
+        (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
+        (len(cfg.model.llm.user_prompts) >= 1, "model.llm.user_prompts", "a non-empty list"),
+        (cfg.train.stage in (1, 2), "train.stage", "1 or 2"),
+        (cfg.train.max_steps >= 0, "train.max_steps", ">= 0"),
+        (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
+        (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm"}, "train.losses", "keys among itc, itm, itg, lm"),
+        (all(w >= 0 for w in cfg.train.losses.values()), "train.losses", "non-negative weights"),
+        (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32"),
+        (cfg.train.lr > 0, "train.lr", "> 0"),
+        (cfg.data.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1"),
+        (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {get_path(cfg, key)!r}")
+
+
+def get_path(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; ``load_config`` on it gives an equal ``Config``."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg), encoding="utf-8")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = build(Config, data, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,123 @@
+"""LanguageModel: a Hugging Face causal LM with a frozen base and trainable LoRA adapters.
+
+The language side of BLIP-2 (paper §3.3), with the article's change: instead of a frozen LLM,
+low-rank adapters (LoRA, Hu et al. 2021, via ``peft``) learn to read the projected image tokens
+while the base weights stay frozen. Any HF causal LM loads: a hub id, a local folder, or a GGUF
+file (de-quantised by transformers; the tokenizer and chat template come from the file).
+
+This block takes token ids and embeddings, never raw text: prompts are built in ``qvlm.prompt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from torch import Tensor, nn
+
+from qvlm import sources
+from qvlm.config import LLMConfig, LoraConfig
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # (B, T, V)
+    loss: Tensor | None = None
+    past_key_values: Any = None
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer: Any, source: str = ""):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.model.requires_grad_(False)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, seed: int = 0, trust_remote_code: bool = False) -> "LanguageModel":
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = sources.load_tokenizer(cfg.tokenizer or cfg.source, trust_remote_code)
+        src = sources.resolve(cfg.source)
+        if src.kind == "random":  # a random LM must share the tokenizer's vocabulary and ids
+            defaults = {
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+            src = dataclasses.replace(src, options={**defaults, **src.options})
+        model = sources.load_model(src, AutoModelForCausalLM, seed=seed, trust_remote_code=trust_remote_code)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise sources.SourceError(
+                f"model.llm.tokenizer {cfg.tokenizer or cfg.source!r} has {len(tokenizer)} tokens but "
+                f"model.llm.source {cfg.source!r} embeds only {model.get_input_embeddings().num_embeddings}"
+            )
+        lm = cls(model, tokenizer, source=cfg.source)
+        if cfg.use_lora:
+            lm.add_lora(cfg.lora, seed=seed)
+        return lm
+
+    def add_lora(self, lora: LoraConfig, seed: int = 0) -> None:
+        """Wrap the model with peft LoRA adapters; only the adapters are trainable."""
+        import torch
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        names = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
+        missing = [m for m in lora.target_modules if m not in names]
+        if missing:
+            raise ValueError(
+                f"model.llm.lora.target_modules {missing} not found in {type(self.model).__name__} "
+                f"(its Linear names include: {sorted(n for n in names if 'proj' in n)[:12]})"
+            )
+        peft_cfg = PeftLoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = get_peft_model(self.model, peft_cfg)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.get_input_embeddings()(input_ids)  # (B, T) -> (B, T, Dlm)
+
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, past_key_values: Any = None,
+                use_cache: bool = False) -> LMOutput:
+        out = self.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+            past_key_values=past_key_values, use_cache=use_cache,
+        )
+        return LMOutput(logits=out.logits, loss=out.loss, past_key_values=out.past_key_values)
+
+    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                yield name, param
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base LLM without adapters (retention checks compare against this)."""
+        if not self.has_lora:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+    def base_model(self) -> nn.Module:
+        """The underlying transformers model (without the peft wrapper)."""
+        return self.model.get_base_model() if self.has_lora else self.model

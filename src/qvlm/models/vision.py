@@ -1,0 +1,152 @@
+"""VisionEncoder: a frozen, eval-locked Hugging Face vision tower, pixels -> (B, N, Dv).
+
+The image backbone of BLIP-2 (paper §3.1: a frozen ViT whose penultimate or last layer feeds the
+Q-Former). Any HF vision tower works: ViT, DINOv2, the vision half of CLIP or SigLIP (a full
+two-tower checkpoint is cut down to its ``vision_model``). Its ``ImageProcessor`` is a small,
+deterministic resize + normalise read from the checkpoint's ``preprocessor_config.json``, so the
+data pipeline and the feature cache share one definition of "the pixels this tower expects".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from qvlm import sources
+
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """RGB PIL images -> normalised float tensor (B, 3, H, W)."""
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bicubic"
+    crop: bool = False  # resize the shortest edge to ``size`` then centre-crop (CLIP); else squash
+
+    def __call__(self, images: list[Image.Image]) -> Tensor:
+        arrays = [self.to_array(img) for img in images]
+        pixels = torch.from_numpy(np.stack(arrays))  # (B, H, W, 3) uint8
+        pixels = pixels.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    def to_array(self, img: Image.Image) -> np.ndarray:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        method = RESAMPLE[self.resample]
+        if not self.crop:
+            return np.asarray(img.resize((self.size, self.size), method), dtype=np.uint8)
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), method)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return np.asarray(img.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str | Path, fallback_size: int) -> "ImageProcessor":
+        """Read ``preprocessor_config.json`` (HF format); missing fields take ViT defaults."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            return cls(size=fallback_size)
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise sources.SourceError(f"{file}: unreadable image processor config: {exc}") from exc
+        size = data.get("crop_size") or data.get("size") or fallback_size
+        if isinstance(size, dict):
+            size = size.get("height") or size.get("shortest_edge") or fallback_size
+        crop = bool(data.get("do_center_crop", False))
+        return cls(
+            size=int(size),
+            mean=tuple(float(x) for x in data.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(float(x) for x in data.get("image_std", (0.5, 0.5, 0.5))),
+            resample=PIL_CODES.get(data.get("resample", 3), "bicubic"),
+            crop=crop,
+        )
+
+
+class VisionEncoder(nn.Module):
+    """A frozen HF vision tower. ``forward(pixels (B, 3, H, W)) -> (B, N, Dv)``."""
+
+    def __init__(self, tower: nn.Module, processor: ImageProcessor, layer: str = "last",
+                 drop_cls: bool = False, source: str = ""):
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        self.tower = tower
+        self.processor = processor
+        self.layer = layer
+        self.drop_cls = drop_cls
+        self.source = source
+        self._fingerprint: str | None = None
+        self.tower.requires_grad_(False)
+        self.tower.eval()
+
+    @classmethod
+    def from_source(cls, source: str, layer: str = "last", drop_cls: bool = False,
+                    seed: int = 0, trust_remote_code: bool = False) -> "VisionEncoder":
+        from transformers import AutoModel
+
+        src = sources.resolve(source)
+        model = sources.load_model(src, AutoModel, seed=seed, trust_remote_code=trust_remote_code)
+        tower = getattr(model, "vision_model", model)  # CLIP / SigLIP two-tower -> the vision half
+        size = int(getattr(tower.config, "image_size", 224))
+        if src.kind == "dir":
+            processor = ImageProcessor.from_pretrained_dir(src.path, size)
+        else:
+            processor = ImageProcessor(size=size)
+        return cls(tower, processor, layer=layer, drop_cls=drop_cls, source=source)
+
+    def train(self, mode: bool = True) -> "VisionEncoder":
+        """The tower stays in eval mode (frozen: no dropout, fixed norms) whatever the caller asks."""
+        super().train(mode)
+        self.tower.eval()
+        return self
+
+    @property
+    def width(self) -> int:
+        return int(self.tower.config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.processor.size
+
+    @torch.no_grad()
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        dtype = next(self.tower.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        want_hidden = self.layer == "penultimate"
+        out = self.tower(pixel_values=pixel_values, output_hidden_states=want_hidden)
+        feats = out.hidden_states[-2] if want_hidden else out.last_hidden_state  # (B, N, Dv)
+        if self.drop_cls:
+            feats = feats[:, 1:]  # (B, N-1, Dv)
+        return feats
+
+    def fingerprint(self) -> str:
+        """A hash of the weights, layer choice and pixel settings: keys the frozen-feature cache."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            meta = {"layer": self.layer, "drop_cls": self.drop_cls, "processor": self.processor.settings()}
+            digest.update(json.dumps(meta, sort_keys=True).encode())
+            for name, tensor in sorted(self.tower.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint

@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from qvlm.config import Config, ConfigError, dump_config, load_config
+
+from conftest import CONFIGS
+
+
+def test_defaults_are_the_article_recipe():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.qformer.num_queries == 32
+    assert cfg.model.qformer.cross_attention_every == 2
+    assert cfg.model.llm.source == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_precedence_defaults_then_yaml_then_overrides(tmp_path: Path):
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  lr: 0.001\n  batch_size: 3\nmodel:\n  qformer:\n    num_queries: 8\n")
+    cfg = load_config(file, ["train.lr=3e-4"])
+    assert cfg.train.lr == pytest.approx(3e-4)  # override beats YAML
+    assert cfg.train.batch_size == 3  # YAML beats default
+    assert cfg.model.qformer.num_queries == 8
+    assert cfg.train.max_steps == Config().train.max_steps  # default kept
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("model.qformer.num_query=4", "model.qformer.num_query"),
+        ("nope.x=1", "nope"),
+    ],
+)
+def test_unknown_keys_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=2.5", "train.batch_size"),
+        ("train.lr=fast", "train.lr"),
+        ("train.stage=3", "train.stage"),
+        ("model.llm.lora.target_modules=q_proj", "model.llm.lora.target_modules"),
+        ("train.losses={itc: fast}", "train.losses.itc"),
+        ("train.losses={xyz: 1}", "train.losses"),
+        ("model.llm.use_lora=maybe", "model.llm.use_lora"),
+        ("model.vision=3", "model.vision"),
+    ],
+)
+def test_bad_types_and_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path):
+    file = tmp_path / "c.yaml"
+    file.write_text("model:\n  qformer:\n    queries: 8\n")
+    with pytest.raises(ConfigError, match=r"model\.qformer\.queries"):
+        load_config(file)
+
+
+def test_bad_yaml_and_missing_file(tmp_path: Path):
+    file = tmp_path / "bad.yaml"
+    file.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(file)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(None, ["train.lr"])
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "blip2-smollm2.yaml"])
+def test_yaml_round_trip(name, tmp_path: Path):
+    cfg = load_config(CONFIGS / name, ["train.losses={itc: 1.0}", "model.llm.lora.r=16"])
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(dump_config(cfg))
+    again = load_config(dumped)
+    assert again == cfg
+    assert dump_config(again) == dump_config(cfg)
+
+
+def test_losses_subset_is_one_setting():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.losses={itc: 1}"])
+    assert cfg.train.losses == {"itc": 1.0}
