@@ -98,11 +98,10 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, past_key_values: Any = None,
                 use_cache: bool = False) -> LMOutput:
-        out = self.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
-            past_key_values=past_key_values, use_cache=use_cache,
-        )
-        return LMOutput(logits=out.logits, loss=out.loss, past_key_values=out.past_key_values)
+        kwargs = {"past_key_values": past_key_values} if past_key_values is not None else {}
+        out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                         use_cache=use_cache, **kwargs)
+        return LMOutput(logits=out.logits, loss=out.loss, past_key_values=getattr(out, "past_key_values", None))
 
     def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.model.named_parameters():
