@@ -122,6 +122,7 @@ def test_only_qformer_projector_lora_get_gradients(tiny_vlm_session):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in groups["qformer"])
     assert all(p.grad is None for p in vlm.vision.parameters())
     counts = vlm.parameter_counts()
-    assert counts["trainable"] == counts["qformer"] + counts["projector"] + counts["lora"]
+    assert set(groups) == {"qformer", "queries", "projector", "lora"}  # no stage-1 heads in stage 2
+    assert counts["trainable"] == sum(counts[g] for g in groups)
     assert counts["lora"] > 0 and counts["frozen"] > 0
     vlm.zero_grad(set_to_none=True)

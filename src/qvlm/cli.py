@@ -54,6 +54,52 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qvlm.eval.retrieval import evaluate_retrieval
+    from qvlm.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    eval_fn = evaluate_retrieval if cfg.train.stage == 1 and cfg.eval.max_samples > 0 else None
+    result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
+    if args.json:
+        print_json(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qvlm.eval.retrieval import evaluate_retrieval
+    from qvlm.models.vlm import VLM
+
+    if args.task != "retrieval":
+        raise UsageError(f"eval {args.task!r} is not available yet; available: retrieval")
+    model = VLM.from_pretrained(args.model, with_llm=False).eval()
+    cfg = model.config
+    if args.max_samples is not None:
+        cfg.eval.max_samples = args.max_samples
+    metrics = evaluate_retrieval(model, cfg, source=args.data, split=args.split)
+    if args.json:
+        print_json(metrics)
+    else:
+        for key, value in metrics.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from qvlm.data import commands
+
+    if args.data_command == "synth":
+        report = commands.run_synth(args.out, args.n, args.seed, image_size=args.image_size,
+                                    n_test=args.n_test, n_heldout=args.n_heldout)
+    else:
+        report = commands.run_inspect(args.source, grid=args.grid)
+    if getattr(args, "json", False):
+        print_json(report)
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -75,6 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is the capital of France?", help="text-only question for the LLM")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("train", help="train stage 1 or 2 (train.stage) and write OUT/model")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved model")
+    p.add_argument("task", choices=["retrieval", "classify", "caption", "retention"])
+    p.add_argument("--model", required=True, help="a model folder (OUT/model of qvlm train)")
+    p.add_argument("--data", default=None, help="data source (default: the model's eval.data or data.source)")
+    p.add_argument("--split", default="test", help="split of the data source (default: test)")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate on at most this many records")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="make or inspect data")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    d = dsub.add_parser("synth", help="write synthetic scenes: DIR/train.jsonl, test.jsonl, heldout.jsonl")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, required=True, help="training images")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--n-test", type=int, default=None)
+    d.add_argument("--n-heldout", type=int, default=None)
+    d = dsub.add_parser("inspect", help="count records and skip reasons; optional PNG grid")
+    d.add_argument("source")
+    d.add_argument("--grid", default=None, help="write a PNG grid of sample images here")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_data)
     return parser
 
 
@@ -97,7 +175,13 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # overrides may come after flags: `qvlm train CFG --out D a.b=c`
+        stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            args.overrides = list(args.overrides) + extra
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return int(exc.code or 0)
     return run(args.func, args)

@@ -8,15 +8,20 @@ and LoRA. Freezing is explicit: the vision tower and the LLM base never receive 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from qvlm.config import Config
+from qvlm.config import Config, load_config, save_config
 from qvlm.models.llm import LanguageModel
 from qvlm.models.projector import Projector
 from qvlm.models.qformer import QFormer
+from qvlm.models.stage1 import Stage1Heads
 from qvlm.models.vision import VisionEncoder
+
+BLOCK_FILES = ("qformer", "heads", "projector", "lora")  # one safetensors file each in a saved model
 
 
 @dataclass
@@ -35,6 +40,9 @@ class VLM(nn.Module):
         self.qformer = qformer
         self.projector = projector
         self.llm = llm
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed + 2)
+            self.heads = Stage1Heads(qformer, embed_dim=config.model.qformer.embed_dim)
 
     @classmethod
     def from_config(cls, cfg: Config, with_llm: bool | None = None, seed: int | None = None) -> "VLM":
@@ -57,7 +65,9 @@ class VLM(nn.Module):
                 torch.manual_seed(seed + 1)
                 projector = Projector(qformer.hidden_size, llm.hidden_size, depth=m.projector.depth,
                                       hidden_dim=m.projector.hidden_dim, activation=m.projector.activation)
-        return cls(cfg, vision, qformer, projector, llm)
+        model = cls(cfg, vision, qformer, projector, llm)
+        model.set_trainable(2 if with_llm else 1, freeze_qformer=cfg.train.freeze_qformer)
+        return model
 
     # ---- the image path ------------------------------------------------------------------
 
@@ -104,21 +114,97 @@ class VLM(nn.Module):
 
     # ---- parameters ----------------------------------------------------------------------
 
+    def block_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Every parameter a training stage may touch, by block (the tied LM-head embedding once)."""
+        blocks: dict[str, list[tuple[str, nn.Parameter]]] = {
+            "qformer": list(self.qformer.named_parameters()),
+            "heads": [(n, p) for n, p in self.heads.named_parameters() if not n.startswith("lm_head.word_embeddings")],
+            "projector": list(self.projector.named_parameters()) if self.projector is not None else [],
+            "lora": list(self.llm.lora_parameters()) if self.llm is not None else [],
+        }
+        return blocks
+
+    def set_trainable(self, stage: int, freeze_qformer: bool = False) -> None:
+        """Stage 1: Q-Former + heads. Stage 2: Q-Former (unless frozen) + projector + LoRA.
+        The vision tower and the LLM base are never trainable."""
+        wanted = {"qformer", "heads"} if stage == 1 else {"qformer", "projector", "lora"}
+        if stage == 2 and freeze_qformer:
+            wanted.discard("qformer")
+        for block, named in self.block_parameters().items():
+            for _, p in named:
+                p.requires_grad_(block in wanted)
+
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """Trainable parameters by group: qformer, projector, lora (and nothing else)."""
-        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"qformer": [], "projector": [], "lora": []}
-        groups["qformer"] = [(n, p) for n, p in self.qformer.named_parameters() if p.requires_grad]
-        if self.projector is not None:
-            groups["projector"] = [(n, p) for n, p in self.projector.named_parameters() if p.requires_grad]
-        if self.llm is not None:
-            groups["lora"] = [(n, p) for n, p in self.llm.lora_parameters() if p.requires_grad]
+        """Trainable parameters by group (qformer, queries, heads, projector, lora)."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        for block, named in self.block_parameters().items():
+            for name, p in named:
+                if not p.requires_grad:
+                    continue
+                group = "queries" if block == "qformer" and name == "query_tokens" else block
+                groups.setdefault(group, []).append((name, p))
         return groups
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameter counts per group, trainable and frozen, for the start-of-run summary."""
+        """Parameter counts per trainable group and the frozen rest, for the start-of-run summary."""
         counts = {name: sum(p.numel() for _, p in params) for name, params in self.parameter_groups().items()}
         trainable = sum(counts.values())
         total = sum(p.numel() for p in self.parameters())
         counts["trainable"] = trainable
         counts["frozen"] = total - trainable
         return counts
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def trainable_state(self, blocks: tuple[str, ...] = BLOCK_FILES) -> dict[str, Tensor]:
+        """``block.name -> tensor`` for the learnable blocks (what checkpoints and saved models hold)."""
+        return {f"{block}.{name}": p.detach() for block, named in self.block_parameters().items()
+                if block in blocks for name, p in named}
+
+    def load_trainable_state(self, state: dict[str, Tensor], strict: bool = True) -> list[str]:
+        """Copy tensors saved by ``trainable_state`` in place; returns the names not found in ``state``."""
+        own = {f"{block}.{name}": p for block, named in self.block_parameters().items() for name, p in named}
+        unexpected = sorted(set(state) - set(own))
+        if unexpected:
+            raise ValueError(f"saved tensors do not belong to this model: {unexpected[:5]}")
+        missing = []
+        with torch.no_grad():
+            for name, param in own.items():
+                if name not in state:
+                    missing.append(name)
+                    continue
+                if state[name].shape != param.shape:
+                    raise ValueError(f"{name}: saved shape {tuple(state[name].shape)} != model {tuple(param.shape)}")
+                param.copy_(state[name])
+        if strict and missing:
+            raise ValueError(f"saved model lacks {len(missing)} tensors, e.g. {missing[:5]}")
+        return missing
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """One folder: config.yaml + a safetensors file per learnable block (no pickle)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, path / "config.yaml")
+        state = self.trainable_state()
+        for block in BLOCK_FILES:
+            part = {k: v.contiguous().cpu() for k, v in state.items() if k.startswith(block + ".")}
+            if part:
+                save_file(part, path / f"{block}.safetensors")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, with_llm: bool | None = None) -> "VLM":
+        """Rebuild from ``config.yaml`` (base models from their sources) and load the saved blocks."""
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"{path} is not a saved qvlm model (no config.yaml)")
+        cfg = load_config(path / "config.yaml")
+        has_llm = (path / "projector.safetensors").is_file()
+        model = cls.from_config(cfg, with_llm=has_llm if with_llm is None else with_llm)
+        state: dict[str, Tensor] = {}
+        for block in BLOCK_FILES:
+            file = path / f"{block}.safetensors"
+            if file.is_file() and (block not in ("projector", "lora") or model.llm is not None):
+                state.update(load_file(file))
+        model.load_trainable_state(state, strict=False)
+        return model

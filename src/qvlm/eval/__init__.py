@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and zero-shot classification (retrieval.py); more land with stage 2."""

@@ -1,0 +1,136 @@
+"""Image-text retrieval (R@1/5/10 both ways) from ITC, then ITM re-ranking of the top-k; and
+zero-shot classification from class-name prompts (BLIP-2 §4.4 protocol, on any data source).
+
+A retrieved item counts as a hit when its caption is identical to the query's own caption (the
+synthetic scenes repeat captions, so several texts can be right for one image).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qvlm.models.stage1 import itm_match_prob
+from qvlm.models.vlm import VLM
+
+KS = (1, 5, 10)
+
+
+@dataclass
+class Encoded:
+    image_embeds: Tensor  # (M, N, Dv) frozen features, kept for ITM re-ranking
+    image_feats: Tensor  # (M, Q, E) normalised
+    text_feats: Tensor  # (M, E) normalised
+    input_ids: Tensor  # (M, T)
+    attention_mask: Tensor  # (M, T)
+    captions: list[str]
+
+
+@torch.no_grad()
+def encode(model: VLM, batches) -> Encoded:
+    """Run every batch (``image_embeds`` or ``pixel_values`` + tokenised captions) through ITC."""
+    parts: dict[str, list] = {k: [] for k in ("emb", "img", "txt", "ids", "mask", "cap")}
+    max_len = 0
+    for batch in batches:
+        emb = batch["image_embeds"].float() if "image_embeds" in batch else model.image_features(batch["pixel_values"])
+        out = model.qformer(image_embeds=emb, input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"], mode="unimodal")
+        parts["emb"].append(emb)
+        parts["img"].append(model.heads.image_feats(out.query))
+        parts["txt"].append(model.heads.text_feat(out.text))
+        parts["ids"].append(batch["input_ids"])
+        parts["mask"].append(batch["attention_mask"])
+        parts["cap"].extend(batch["captions"])
+        max_len = max(max_len, batch["input_ids"].shape[1])
+    if not parts["cap"]:
+        raise ValueError("retrieval evaluation got no usable records")
+    pad = lambda ts: torch.cat([torch.nn.functional.pad(t, (0, max_len - t.shape[1])) for t in ts])  # noqa: E731
+    return Encoded(torch.cat(parts["emb"]), torch.cat(parts["img"]), torch.cat(parts["txt"]),
+                   pad(parts["ids"]), pad(parts["mask"]), parts["cap"])
+
+
+def itc_similarity(enc: Encoded) -> Tensor:
+    """(M images, M texts): max over queries of the cosine similarity."""
+    sim = torch.einsum("iqe,je->iqj", enc.image_feats, enc.text_feats)  # (M, Q, M)
+    return sim.max(dim=1).values
+
+
+def same_caption(captions: list[str]) -> Tensor:
+    """(M, M) bool: text j is a correct match for image i."""
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    codes = torch.tensor([ids[c] for c in captions])
+    return codes[:, None] == codes[None, :]
+
+
+def recall_at_k(scores: Tensor, truth: Tensor, ks=KS) -> dict[int, float]:
+    """Share of rows whose best-ranked correct column is within the top k."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = torch.gather(truth, 1, order)  # (M, M) bool, in ranked order
+    first = torch.where(hits.any(dim=1), hits.float().argmax(dim=1), torch.full_like(hits[:, 0], 10**9, dtype=torch.long))
+    return {k: float((first < k).float().mean()) for k in ks}
+
+
+@torch.no_grad()
+def rerank(model: VLM, enc: Encoded, sim: Tensor, k: int, images_are_queries: bool,
+           batch_size: int = 64) -> Tensor:
+    """(queries, candidates) scores: each query's top-k candidates by ITC get ITM P(match) + ITC
+    similarity (BLIP-2's re-ranking); all other candidates get -inf."""
+    k = min(k, sim.shape[1])
+    top = sim.topk(k, dim=1).indices  # (M, k)
+    rows = torch.arange(sim.shape[0]).repeat_interleave(k)
+    cols = top.reshape(-1)
+    images, texts = (rows, cols) if images_are_queries else (cols, rows)
+    probs = []
+    for start in range(0, rows.numel(), batch_size):
+        i, t = images[start:start + batch_size], texts[start:start + batch_size]
+        probs.append(itm_match_prob(model.qformer, model.heads, enc.image_embeds[i], enc.input_ids[t],
+                                    enc.attention_mask[t]))
+    scores = torch.full_like(sim, float("-inf"))
+    scores[rows, cols] = torch.cat(probs) + sim[rows, cols]
+    return scores
+
+
+def retrieval_metrics(model: VLM, batches, rerank_k: int = 16) -> dict[str, float]:
+    """ITC R@K both ways, then (rerank_k > 0) the same after ITM re-ranking of the top-k."""
+    enc = encode(model, batches)
+    sim = itc_similarity(enc)
+    truth = same_caption(enc.captions)
+    out: dict[str, float] = {"n": len(enc.captions)}
+    out.update({f"itc_i2t_r{k}": v for k, v in recall_at_k(sim, truth).items()})
+    out.update({f"itc_t2i_r{k}": v for k, v in recall_at_k(sim.T, truth.T).items()})
+    if rerank_k > 0:
+        i2t = rerank(model, enc, sim, rerank_k, images_are_queries=True)
+        t2i = rerank(model, enc, sim.T, rerank_k, images_are_queries=False)
+        out.update({f"i2t_r{k}": v for k, v in recall_at_k(i2t, truth).items()})
+        out.update({f"t2i_r{k}": v for k, v in recall_at_k(t2i, truth.T).items()})
+    else:
+        out.update({k[4:]: v for k, v in list(out.items()) if k.startswith("itc_")})
+    return out
+
+
+def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"):
+    """Collated batches of the first ``eval.max_samples`` usable records of ``source``
+    (default ``eval.data``, else the ``test`` split of ``data.source``)."""
+    from qvlm.data.collate import Stage1Collator
+    from qvlm.data.records import iter_records
+    from qvlm.data.sources import open_dataset
+    from qvlm.sources import load_tokenizer
+
+    q = cfg.model.qformer
+    tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
+    dataset = open_dataset(source or cfg.eval.data or cfg.data.source, split=split,
+                           max_pixels=cfg.data.max_image_pixels)
+    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
+    records = list(iter_records(dataset, limit=cfg.eval.max_samples))
+    for start in range(0, len(records), cfg.eval.batch_size):
+        yield collate(records[start:start + cfg.eval.batch_size])
+
+
+def evaluate_retrieval(model: VLM, cfg, source: str | None = None, split: str = "test") -> dict[str, float]:
+    """What the training loop calls periodically: retrieval R@K with ``primary`` naming the key to track."""
+    metrics = retrieval_metrics(model, eval_batches(cfg, model, source, split), rerank_k=cfg.eval.itm_rerank_k)
+    metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+    metrics["primary"] = "r1_mean"
+    return metrics

@@ -1,0 +1,124 @@
+"""Stage-1 heads and the fused ITC + ITM + ITG step of the Q-Former (BLIP-2 §3.2, Fig. 2).
+
+One unimodal pass computes the query outputs and the text [CLS] together: ITC reads both, and
+ITG reuses the queries' per-layer keys/values (the query slice is the same in the unimodal and
+multimodal-causal layouts), so the image side is never recomputed for ITG. ITM needs the
+bidirectional layout and runs its own pass over positives and hard negatives mined from the ITC
+similarities. Gathering across ranks is injected (``gather``), never called from here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qvlm import losses as L
+from qvlm.models.qformer import QFormer
+
+Gather = Callable[[Tensor], Tensor]
+
+
+class LMHead(nn.Module):
+    """BERT-style prediction head: dense + GELU + LayerNorm, then a decoder tied to the word embeddings."""
+
+    def __init__(self, word_embeddings: nn.Embedding, eps: float = 1e-12):
+        super().__init__()
+        dim = word_embeddings.embedding_dim
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.word_embeddings = word_embeddings  # shared, not a copy
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        h = self.norm(F.gelu(self.dense(hidden)))  # (B, T, Dq)
+        return F.linear(h, self.word_embeddings.weight, self.bias)  # (B, T, V)
+
+
+class Stage1Heads(nn.Module):
+    """ITC projections + temperature, the ITM 2-way head, and the ITG language-model head."""
+
+    def __init__(self, qformer: QFormer, embed_dim: int = 256):
+        super().__init__()
+        dim = qformer.hidden_size
+        self.vision_proj = nn.Linear(dim, embed_dim)
+        self.text_proj = nn.Linear(dim, embed_dim)
+        self.itm_head = nn.Linear(dim, 2)
+        self.lm_head = LMHead(qformer.embeddings.word_embeddings)
+        self.temp = nn.Parameter(torch.tensor(L.ITC_TEMP_INIT))
+
+    def image_feats(self, query: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(query), dim=-1)  # (B, Q, Dq) -> (B, Q, E)
+
+    def text_feat(self, text: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(text[:, 0]), dim=-1)  # [CLS]: (B, T, Dq) -> (B, E)
+
+    @torch.no_grad()
+    def clamp_temperature(self) -> None:
+        self.temp.copy_(L.clamp_temperature(self.temp))
+
+
+def decoder_input_ids(input_ids: Tensor, dec_token_id: int) -> Tensor:
+    """ITG input: the decoder-start token replaces [CLS] at position 0."""
+    ids = input_ids.clone()
+    ids[:, 0] = dec_token_id
+    return ids
+
+
+def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
+                  attention_mask: Tensor, weights: dict[str, float], dec_token_id: int,
+                  gather: Gather | None = None, rank: int = 0,
+                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies."""
+    use = {k for k, w in weights.items() if w > 0}
+    need_text = bool(use & {"itc", "itm"})
+    out = qformer(image_embeds=image_embeds, input_ids=input_ids if need_text else None,
+                  attention_mask=attention_mask if need_text else None, mode="unimodal",
+                  return_query_cache="itg" in use)
+    terms: dict[str, Tensor] = {}
+    if need_text:
+        image_feats, text_feat = heads.image_feats(out.query), heads.text_feat(out.text)  # (B,Q,E), (B,E)
+        itc = L.itc_loss(image_feats, text_feat, heads.temp,
+                         all_image_feats=gather(image_feats) if gather else None,
+                         all_text_feat=gather(text_feat) if gather else None, rank=rank)
+        terms["itc"], terms["itc_acc"] = itc.loss, (itc.i2t_acc + itc.t2i_acc) / 2
+        if "itm" in use:
+            itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator)
+            terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
+    if "itg" in use:
+        ids = decoder_input_ids(input_ids, dec_token_id)
+        text = qformer(input_ids=ids, attention_mask=attention_mask, query_cache=out.query_cache,
+                       mode="causal").text  # (B, T, Dq)
+        itg = L.itg_loss(heads.lm_head(text), ids, attention_mask)
+        terms["itg"] = itg.loss
+    return L.combine(terms, {k: w for k, w in weights.items() if k in use})
+
+
+def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
+             attention_mask: Tensor, itc, gather: Gather | None, rank: int,
+             generator: torch.Generator | None):
+    """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs."""
+    b = image_embeds.shape[0]
+    all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
+    all_ids = gather(input_ids) if gather else input_ids  # (B*W, T)
+    all_mask = gather(attention_mask) if gather else attention_mask
+    targets = torch.arange(b, device=image_embeds.device) + rank * b
+    neg_text, neg_image = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, targets, generator=generator)
+    images = torch.cat([image_embeds, image_embeds, all_images[neg_image]])  # (3B, N, Dv)
+    ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3B, T)
+    mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
+    query = qformer(image_embeds=images, input_ids=ids, attention_mask=mask, mode="bidirectional").query
+    logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3B, Q, 2) -> (3B, 2)
+    return L.itm_loss(logits, L.itm_labels(b).to(logits.device))
+
+
+@torch.no_grad()
+def itm_match_prob(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
+                   attention_mask: Tensor) -> Tensor:
+    """P(match) for each (image_i, text_i) pair: (B,)."""
+    query = qformer(image_embeds=image_embeds, input_ids=input_ids, attention_mask=attention_mask,
+                    mode="bidirectional").query
+    logits = L.itm_logits_from_queries(heads.itm_head(query))  # (B, 2)
+    return logits.softmax(dim=-1)[:, 1]

@@ -1,0 +1,135 @@
+"""Batches for the training loop, with an exact, resumable data position.
+
+Map-style sources are read in a per-epoch permutation fixed by (seed, epoch); the position is
+(epoch, samples consumed), counted on the main process as batches are *consumed* (not as workers
+prefetch them), so a resume skips exactly what was trained on. Streamed shards resume at shard
+granularity through the dataset's own ``state_dict``. Skipped records are counted throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from qvlm.config import Config
+from qvlm.data.decode import SkipCounter
+from qvlm.train import distributed as D
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(n)`` fixed by (seed, epoch), this rank's share, from ``start`` on."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            idx = list(range(self.n))
+        else:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            idx = torch.randperm(self.n, generator=gen).tolist()
+        return idx[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.order()) - self.start)
+
+
+class BatchStream:
+    """An endless iterator of collated batches with ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, dataset, collate: Callable, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_workers: int = 0, dec_token_id: int | None = None):
+        self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
+        self.num_workers = num_workers
+        self.dec_token_id = dec_token_id
+        self.streaming = isinstance(dataset, IterableDataset)
+        self.sampler = None if self.streaming else EpochSampler(
+            len(dataset), seed, shuffle, rank=D.rank(), world_size=D.world_size())
+        self.epoch, self.consumed = 0, 0
+        self.counter = SkipCounter()
+        self._it: Iterator | None = None
+        if not self.streaming and len(self.sampler.order()) == 0:
+            raise ValueError("the training data source holds no records")
+
+    def loader(self) -> DataLoader:
+        if self.streaming:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
+                              num_workers=self.num_workers)
+        self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                          collate_fn=self.collate, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+    def next_batch(self, device: torch.device) -> dict:
+        """The next non-empty batch, moved to ``device``; rolls over epochs."""
+        for _ in range(10_000):
+            if self._it is None:
+                self._it = iter(self.loader())
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch, self.consumed = self.epoch + 1, 0
+                continue
+            self.account(batch)
+            if batch.get("input_ids") is not None and len(batch["input_ids"]) > 0:
+                return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        raise RuntimeError(f"no usable records in the data source ({self.counter.summary()})")
+
+    def account(self, batch: dict) -> None:
+        for reason in batch.get("skipped", ()):
+            self.counter.skip(reason)
+        self.counter.use(len(batch.get("keys", ())))
+        self.consumed += len(batch.get("keys", ())) + len(batch.get("skipped", ()))
+        if self.streaming and hasattr(self.dataset, "mark_done"):
+            self.dataset.mark_done(batch.get("shards_done", ()))
+
+    def state_dict(self) -> dict:
+        state = {"epoch": self.epoch, "consumed": self.consumed, "counts": self.counter.to_dict()}
+        if self.streaming and hasattr(self.dataset, "state_dict"):
+            state["dataset"] = self.dataset.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state["dataset"])
+        self._it = None
+
+    def summary(self) -> str:
+        return self.counter.summary()
+
+
+def decoder_start_id(tokenizer) -> int:
+    """BLIP-2 adds a [DEC] token; a BERT vocabulary has spare ``[unused0]`` for the same role."""
+    for token in ("[DEC]", "[unused0]"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            return tid
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.cls_token_id:
+        return tokenizer.bos_token_id
+    raise ValueError("the Q-Former tokenizer has no [DEC], [unused0] or distinct BOS token for ITG")
+
+
+def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
+    """The training stream for ``cfg.data.source`` (stage-1 collation with the Q-Former tokenizer)."""
+    from qvlm.data.collate import Stage1Collator
+    from qvlm.data.sources import open_dataset
+    from qvlm.sources import load_tokenizer
+
+    q = cfg.model.qformer
+    tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
+    dataset = open_dataset(cfg.data.source, split=split, max_pixels=cfg.data.max_image_pixels,
+                           rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed)
+    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
+    return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
+                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(tokenizer))

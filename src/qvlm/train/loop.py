@@ -1,0 +1,203 @@
+"""One training loop for both stages, shaped like nanoGPT's: setup, build, then for each step:
+lr, micro-steps, clip, step, log, periodic eval and checkpoint.
+
+Writes ``OUT/config.yaml``, ``OUT/metrics.jsonl``, ``OUT/checkpoints/step-N/`` and the final
+``OUT/model/`` (loadable by ``VLM.from_pretrained``). ``resume=True`` continues exactly from the
+newest complete checkpoint: the same weights as an uninterrupted run, on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from qvlm.config import Config, save_config
+from qvlm.models.vlm import VLM
+from qvlm.train import checkpoint as ckpt
+from qvlm.train import distributed as D
+from qvlm.train.batches import BatchStream, build_stream
+from qvlm.train.optim import build_optimizer, set_lr
+from qvlm.train.steps import step_losses
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    if D.rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast where the hardware has it (GPUs; CPUs with bf16 instructions), else off."""
+    use = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and bf16_available(device))
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use), use
+
+
+def bf16_available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(cfg: Config) -> VLM:
+    model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
+    if cfg.train.init_from:
+        loaded = VLM.from_pretrained(cfg.train.init_from, with_llm=False)
+        state = {k: v for k, v in loaded.trainable_state(("qformer", "heads")).items()}
+        model.load_trainable_state(state, strict=False)
+        log(f"initialised Q-Former and heads from {cfg.train.init_from}")
+    elif cfg.train.stage == 2:
+        log("warning: stage 2 without train.init_from starts from an untrained Q-Former")
+    model.set_trainable(cfg.train.stage, freeze_qformer=cfg.train.freeze_qformer)
+    return model
+
+
+def train(cfg: Config, out: str | Path, resume: bool = False,
+          eval_fn: Callable[[VLM, Config], dict] | None = None, progress: bool = True) -> dict:
+    """Run ``cfg.train.max_steps`` optimiser steps; returns the final metrics."""
+    out = Path(out)
+    seed_everything(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    model = build_model(cfg).to(device)
+    model.train()
+    opt, counts = build_optimizer(model.parameter_groups(), cfg.train)
+    log(f"trainable parameters by group: {json.dumps(counts)}; all: {json.dumps(model.parameter_counts())}")
+    stream = build_stream(cfg, model, split="train")
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    state = RunState()
+    if resume:
+        state = restore(out, model, opt, stream, gen)
+    autocast, bf16 = autocast_for(cfg, device)
+    log(f"stage {cfg.train.stage}: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x "
+        f"accum {cfg.train.grad_accum}, bf16 autocast {'on' if bf16 else 'off'}, device {device}")
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not progress or D.rank() != 0,
+               desc=f"stage {cfg.train.stage}", file=sys.stderr, dynamic_ncols=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    while state.step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        lr = set_lr(opt, state.step, cfg.train)
+        terms = train_step(model, opt, stream, cfg, autocast, gen, params, device)
+        state.step += 1
+        record = {"step": state.step, "lr": lr, **terms,
+                  "samples_per_s": cfg.train.batch_size * cfg.train.grad_accum / (time.perf_counter() - t0)}
+        write_metrics(out, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        periodic(cfg, out, model, opt, stream, gen, state, eval_fn)
+    bar.close()
+    return finish(cfg, out, model, opt, stream, gen, state, eval_fn)
+
+
+def train_step(model: VLM, opt, stream: BatchStream, cfg: Config, autocast, gen, params, device) -> dict:
+    """One optimiser step over ``grad_accum`` micro-batches; returns the mean of each named term."""
+    sums: dict[str, float] = {}
+    for _ in range(cfg.train.grad_accum):
+        batch = stream.next_batch(device)
+        with autocast:
+            terms = step_losses(model, batch, cfg, generator=gen, dec_token_id=stream.dec_token_id)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at this step ({ {k: float(v) for k, v in terms.items()} }); "
+                                "lower train.lr or check the data")
+        (loss / cfg.train.grad_accum).backward()
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
+    if cfg.train.clip_grad > 0:
+        sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.heads.clamp_temperature()
+    return sums
+
+
+def periodic(cfg, out, model, opt, stream, gen, state: RunState, eval_fn) -> None:
+    if state.step >= cfg.train.max_steps:
+        return  # the final eval and checkpoint happen in finish()
+    if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and eval_fn:
+        run_eval(cfg, out, model, state, eval_fn)
+    if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+        save(cfg, out, model, opt, stream, gen, state)
+
+
+def run_eval(cfg, out, model: VLM, state: RunState, eval_fn) -> dict:
+    model.eval()
+    with torch.no_grad():
+        metrics = eval_fn(model, cfg)
+    model.train()
+    state.last_eval = metrics
+    write_metrics(out, {"step": state.step, "eval": metrics})
+    key = metrics.get("primary")
+    if key is not None and (not state.best or metrics[key] > state.best["value"]):
+        state.best = {"step": state.step, "metric": key, "value": metrics[key]}
+    log(f"eval at step {state.step}: {json.dumps(metrics)}")
+    return metrics
+
+
+def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -> None:
+    if D.rank() != 0:
+        return
+    root = out / "checkpoints"
+    trainer = {"data": stream.state_dict(), "best": state.best}
+    ckpt.save_checkpoint(root, state.step, model.trainable_state(), opt, cfg, trainer, {"hard_negatives": gen})
+    keep = {f"step-{state.best['step']}"} if state.best else set()
+    ckpt.prune_checkpoints(root, cfg.train.keep_last, keep)
+
+
+def restore(out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
+    path = ckpt.latest_checkpoint(out / "checkpoints")
+    if path is None:
+        log(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from step 0")
+        return RunState()
+    tensors, trainer = ckpt.load_checkpoint(path, opt, {"hard_negatives": gen})
+    model.load_trainable_state(tensors, strict=False)
+    stream.load_state_dict(trainer["data"])
+    log(f"resumed from {path} (step {trainer['step']})")
+    return RunState(step=int(trainer["step"]), best=trainer.get("best") or {})
+
+
+def finish(cfg, out, model: VLM, opt, stream, gen, state: RunState, eval_fn) -> dict:
+    metrics = run_eval(cfg, out, model, state, eval_fn) if eval_fn else {}
+    save(cfg, out, model, opt, stream, gen, state)
+    if D.rank() == 0:
+        model.save_pretrained(out / "model")
+        log(f"saved the final model to {out / 'model'}; data: {stream.summary()}")
+    return {"step": state.step, "eval": metrics, "best": state.best}
+
+
+def write_metrics(out: Path, record: dict) -> None:
+    if D.rank() != 0:
+        return
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean) + "\n")

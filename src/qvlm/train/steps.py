@@ -1,0 +1,31 @@
+"""The loss of one micro-batch for each stage, as named terms (``loss`` is what gets back-propagated)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qvlm.config import Config
+from qvlm.models.stage1 import stage1_losses
+from qvlm.models.vlm import VLM
+from qvlm.train import distributed as D
+
+
+def image_embeds_of(model: VLM, batch: dict) -> Tensor:
+    """Cached frozen features when the batch has them, else run the frozen tower on the pixels."""
+    if "image_embeds" in batch:
+        return batch["image_embeds"].float()  # (B, N, Dv), fp16 in the cache
+    return model.image_features(batch["pixel_values"])  # (B, N, Dv)
+
+
+def step_losses(model: VLM, batch: dict, cfg: Config, generator: torch.Generator | None = None,
+                dec_token_id: int | None = None) -> dict[str, Tensor]:
+    if cfg.train.stage == 1:
+        if dec_token_id is None:
+            raise ValueError("stage 1 needs the Q-Former tokenizer's decoder-start token id")
+        return stage1_losses(
+            model.qformer, model.heads, image_embeds_of(model, batch), batch["input_ids"],
+            batch["attention_mask"], cfg.train.losses, dec_token_id,
+            gather=D.gather_fn(), rank=D.rank(), generator=generator,
+        )
+    raise NotImplementedError("stage-2 training is not available yet (tracked in the stage-2 issue)")
