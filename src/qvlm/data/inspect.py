@@ -55,13 +55,23 @@ def write_grid(samples: list[tuple[Image.Image, str]], path: str | Path, columns
         draw.text((4, 4), "no usable records", fill=(200, 0, 0), font=font)
     for i, (img, caption) in enumerate(samples):
         x, y = (i % columns) * CELL, (i // columns) * cell_h
-        thumb = img.copy()
-        thumb.thumbnail((CELL - 8, CELL - 8))
-        if min(thumb.size) < 1 or thumb.size == img.size and max(img.size) < CELL // 2:
-            thumb = img.resize((CELL - 8, CELL - 8), Image.Resampling.NEAREST)  # small scenes: enlarge
-        sheet.paste(thumb, (x + (CELL - thumb.size[0]) // 2, y + (CELL - thumb.size[1]) // 2))
-        lines = textwrap.wrap(caption, width=CELL // 6)[:TEXT_LINES]
-        for j, line in enumerate(lines):
-            draw.text((x + 4, y + CELL + j * LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
+        sheet.paste(fit(img, CELL - 8), (x + 4, y + 4))
+        for j, line in enumerate(textwrap.wrap(caption, width=CELL // 6)[:TEXT_LINES]):
+            try:
+                draw.text((x + 4, y + CELL + j * LINE_HEIGHT), line, fill=(0, 0, 0), font=font)
+            except UnicodeEncodeError:  # a bitmap default font knows latin-1 only
+                safe = line.encode("latin-1", errors="replace").decode("latin-1")
+                draw.text((x + 4, y + CELL + j * LINE_HEIGHT), safe, fill=(0, 0, 0), font=font)
     sheet.save(path, format="PNG")
     return path
+
+
+def fit(img: Image.Image, side: int) -> Image.Image:
+    """Scale to fit in side x side (up or down, aspect kept), centred on a white square."""
+    w, h = img.size
+    scale = min(side / w, side / h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(img.resize(size, resample), ((side - size[0]) // 2, (side - size[1]) // 2))
+    return square

@@ -47,7 +47,7 @@ class BatchStream:
     def __init__(self, dataset, collate: Callable, batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_workers: int = 0, dec_token_id: int | None = None):
         self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.seed = num_workers, seed
         self.dec_token_id = dec_token_id
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler = None if self.streaming else EpochSampler(
@@ -59,14 +59,17 @@ class BatchStream:
             raise ValueError("the training data source holds no records")
 
     def loader(self) -> DataLoader:
+        # Its own generator: creating an iterator must not draw from the global RNG (dropout),
+        # or a resumed run would see different dropout masks than an uninterrupted one.
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
         if self.streaming:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                              num_workers=self.num_workers)
+                              num_workers=self.num_workers, generator=gen)
         self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                          collate_fn=self.collate, num_workers=self.num_workers,
+                          collate_fn=self.collate, num_workers=self.num_workers, generator=gen,
                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
     def next_batch(self, device: torch.device) -> dict:
@@ -86,10 +89,8 @@ class BatchStream:
         raise RuntimeError(f"no usable records in the data source ({self.counter.summary()})")
 
     def account(self, batch: dict) -> None:
-        for reason in batch.get("skipped", ()):
-            self.counter.skip(reason)
-        self.counter.use(len(batch.get("keys", ())))
-        self.consumed += len(batch.get("keys", ())) + len(batch.get("skipped", ()))
+        self.counter.update(batch)
+        self.consumed += len(batch.get("keys", ())) + sum(batch.get("skipped", {}).values())
         if self.streaming and hasattr(self.dataset, "mark_done"):
             self.dataset.mark_done(batch.get("shards_done", ()))
 
@@ -101,6 +102,7 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.counter = SkipCounter(**state.get("counts", {}))
         if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
         self._it = None

@@ -82,8 +82,12 @@ def build_model(cfg: Config) -> VLM:
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False,
-          eval_fn: Callable[[VLM, Config], dict] | None = None, progress: bool = True) -> dict:
-    """Run ``cfg.train.max_steps`` optimiser steps; returns the final metrics."""
+          eval_fn: Callable[[VLM, Config], dict] | None = None, progress: bool = True,
+          stop_at_step: int | None = None) -> dict:
+    """Run ``cfg.train.max_steps`` optimiser steps; returns the final metrics.
+
+    ``stop_at_step`` ends the run early with a checkpoint (as if interrupted there), keeping the
+    schedule of the full run; ``resume=True`` then continues it."""
     out = Path(out)
     seed_everything(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +119,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.3f}")
         periodic(cfg, out, model, opt, stream, gen, state, eval_fn)
+        if stop_at_step is not None and state.step >= stop_at_step and state.step < cfg.train.max_steps:
+            save(cfg, out, model, opt, stream, gen, state)
+            bar.close()
+            return {"step": state.step, "stopped": True}
     bar.close()
     return finish(cfg, out, model, opt, stream, gen, state, eval_fn)
 

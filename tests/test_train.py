@@ -1,0 +1,157 @@
+"""The training loop: schedule, exact resume, crash-safe checkpoints, NaN stop, the saved model."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qvlm.cli import main
+from qvlm.config import load_config
+from qvlm.models.vlm import VLM
+from qvlm.train import checkpoint as ckpt
+from qvlm.train.loop import NonFiniteLoss, train
+from qvlm.train.optim import lr_at
+
+from conftest import CONFIGS
+
+
+def tiny(*overrides):
+    return load_config(CONFIGS / "tiny.yaml", ["train.precision=fp32", *overrides])
+
+
+def test_lr_at_values():
+    assert lr_at(0, 1.0, warmup_steps=4, max_steps=104) == pytest.approx(0.25)
+    assert lr_at(3, 1.0, 4, 104) == pytest.approx(1.0)
+    assert lr_at(4, 1.0, 4, 104, min_lr_ratio=0.1) == pytest.approx(1.0)
+    assert lr_at(54, 1.0, 4, 104, min_lr_ratio=0.1) == pytest.approx(0.55)  # half-way: mid of [0.1, 1]
+    assert lr_at(104, 1.0, 4, 104, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(500, 1.0, 4, 104, min_lr_ratio=0.0) == 0.0
+    assert lr_at(0, 2.0, 0, 10) == pytest.approx(2.0)
+
+
+def weights(run: Path) -> dict:
+    state = {}
+    for name in ("qformer", "heads"):
+        state.update(load_file(run / "model" / f"{name}.safetensors"))
+    return state
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = tiny("train.max_steps=6", "train.save_every=3", "train.warmup_steps=2")
+    train(cfg, tmp_path / "straight", progress=False)
+    first = train(cfg, tmp_path / "resumed", progress=False, stop_at_step=3)
+    assert first["stopped"] and (tmp_path / "resumed" / "checkpoints" / "step-3").is_dir()
+    assert not (tmp_path / "resumed" / "model").exists()
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # and the resumed run really trained: weights differ from a 3-step run
+    train(tiny("train.max_steps=3", "train.warmup_steps=2"), tmp_path / "short", progress=False)
+    c = weights(tmp_path / "short")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_saved_model_round_trip(tmp_path):
+    cfg = tiny("train.max_steps=2")
+    train(cfg, tmp_path / "run", progress=False)
+    model = VLM.from_pretrained(tmp_path / "run" / "model").eval()
+    saved = weights(tmp_path / "run")
+    state = model.trainable_state()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    assert model.projector is None  # a stage-1 model
+    pixels = torch.randn(2, 3, 32, 32)
+    again = VLM.from_pretrained(tmp_path / "run" / "model").eval()
+    with torch.no_grad():
+        q1 = model.qformer(image_embeds=model.image_features(pixels)).query
+        q2 = again.qformer(image_embeds=again.image_features(pixels)).query
+    assert torch.equal(q1, q2)
+
+
+def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
+    import qvlm.train.loop as loop
+
+    def nan_losses(*args, **kwargs):
+        return {"loss": torch.tensor(float("nan"), requires_grad=True)}
+
+    monkeypatch.setattr(loop, "step_losses", nan_losses)
+    with pytest.raises(NonFiniteLoss, match="lower train.lr"):
+        train(tiny("train.max_steps=2"), tmp_path / "run", progress=False)
+
+
+def test_prune_keeps_last_and_best(tmp_path):
+    cfg = tiny("train.max_steps=6", "train.save_every=1", "train.keep_last=2")
+    train(cfg, tmp_path / "run", progress=False)
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps == ["step-5", "step-6"]
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-6"
+
+
+WRITER = r"""
+import sys, torch
+from pathlib import Path
+from qvlm.config import load_config
+from qvlm.train import checkpoint as ckpt
+root = Path(sys.argv[1]); cfg = load_config(sys.argv[2])
+p = torch.nn.Parameter(torch.zeros(2_000_000))
+opt = torch.optim.AdamW([p])
+p.grad = torch.ones_like(p); opt.step()
+for step in range(1, 10_000):
+    p.data.fill_(step)
+    ckpt.save_checkpoint(root, step, {"p": p.data}, opt, cfg, {"data": {}})
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_checkpoint_write_leaves_a_readable_latest(tmp_path):
+    root = tmp_path / "ckpts"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    for delay in (0.0, 0.013, 0.031, 0.057, 0.11, 0.2):
+        proc = subprocess.Popen([sys.executable, str(script), str(root), str(CONFIGS / "tiny.yaml")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdout.readline()  # the first checkpoint of this writer is complete; now kill mid-write
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = ckpt.latest_checkpoint(root)
+        assert latest is not None
+        p = torch.nn.Parameter(torch.zeros(2_000_000))
+        opt = torch.optim.AdamW([p])
+        tensors, trainer = ckpt.load_checkpoint(latest, opt)
+        assert torch.all(tensors["p"] == trainer["step"])  # complete and self-consistent
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(out), "--no-progress",
+                 "train.max_steps=2", "eval.max_samples=8"]) == 0
+    for name in ("config.yaml", "metrics.jsonl", "model/config.yaml", "model/qformer.safetensors"):
+        assert (out / name).is_file(), name
+    assert list((out / "checkpoints").glob("step-*"))
+    capsys.readouterr()
+    assert main(["eval", "retrieval", "--model", str(out / "model"), "--max-samples", "8", "--json"]) == 0
+    import json
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r10", "itc_i2t_r1"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["n"] == 8
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["config", str(CONFIGS / "tiny.yaml"), "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    assert main(["train", str(CONFIGS / "tiny.yaml")]) == 2  # --out missing
+    assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path), "--bogus"]) == 2
+    assert main(["config", str(CONFIGS / "tiny.yaml"), "model.vision.source=./missing-dir"]) == 0  # resolved lazily
+    assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "r"),
+                 "model.vision.source=./missing-dir"]) == 2
+    assert "missing-dir" in capsys.readouterr().err

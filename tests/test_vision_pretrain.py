@@ -1,0 +1,129 @@
+"""The demo vision tower's pretraining: hand-checked accuracy, save/load round-trip, atomic failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qvlm.data.synth import make_scene, render
+from qvlm.models.vision import ImageProcessor, VisionEncoder
+from qvlm.vision_pretrain import (HEADS, IGNORE, attribute_accuracy, build_tower, lr_at_progress, normalise,
+                                  predict, readout_loss, render_pool, run_pretrain_vision, scene_targets)
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
+            batch_size=8, n_train=32, n_eval=16, progress=False, seed=3)
+
+
+def one_hot_logits(targets: torch.Tensor) -> torch.Tensor:
+    """Logits (B, P, sum(HEADS)) whose argmax is exactly ``targets`` (B, P, 4)."""
+    parts = []
+    for i, (name, k) in enumerate(HEADS.items()):
+        t = targets[..., i].clamp(min=0)  # IGNORE at empty positions: any class will do
+        parts.append(torch.nn.functional.one_hot(t, k).float() * 10.0)
+    return torch.cat(parts, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def targets() -> torch.Tensor:
+    return torch.tensor([scene_targets(make_scene(0, "test", i)) for i in range(8)])  # (8, P, 4)
+
+
+def test_scene_targets_mark_empty_positions():
+    scene = make_scene(0, "train", 0)
+    rows = scene_targets(scene)
+    for row, attrs in zip(rows, scene.attributes().values()):
+        assert (row[0] == 1) == (attrs is not None)
+        if attrs is None:
+            assert row[1:] == [IGNORE] * 3
+
+
+def test_accuracy_is_one_on_perfect_predictions(targets):
+    acc = attribute_accuracy(predict(one_hot_logits(targets)), targets)
+    assert acc == {"attr_acc": 1.0, "object_acc": 1.0, "presence_acc": 1.0}
+
+
+def test_accuracy_counts_each_wrong_attribute_once(targets):
+    B, P = targets.shape[:2]
+    present = (targets[..., 0] == 1).nonzero()
+    b, p = present[0].tolist()
+    wrong = targets.clone()
+    wrong[b, p, 1] = (wrong[b, p, 1] + 1) % HEADS["color"]  # one wrong colour
+    acc = attribute_accuracy(predict(one_hot_logits(wrong)), targets)
+    assert acc["attr_acc"] == pytest.approx(1 - 1 / (B * P * 3))
+    assert acc["object_acc"] == pytest.approx(1 - 1 / (len(present) * 3))
+    assert acc["presence_acc"] == 1.0
+
+
+def test_accuracy_missed_object_and_false_object(targets):
+    B, P = targets.shape[:2]
+    b, p = (targets[..., 0] == 1).nonzero()[0].tolist()
+    e, q = (targets[..., 0] == 0).nonzero()[0].tolist()
+    wrong = targets.clone()
+    wrong[b, p, 0] = 0  # an object predicted absent: its 3 attributes are wrong
+    wrong[e, q] = torch.tensor([1, 0, 0, 0])  # an empty position predicted occupied: 3 wrong
+    acc = attribute_accuracy(predict(one_hot_logits(wrong)), targets)
+    assert acc["attr_acc"] == pytest.approx(1 - 6 / (B * P * 3))
+    assert acc["presence_acc"] == pytest.approx(1 - 2 / (B * P))
+
+
+def test_loss_ignores_attributes_of_empty_positions(targets):
+    logits = one_hot_logits(targets)
+    noisy = logits.clone()
+    empty = targets[..., 0] == 0
+    noisy[..., 2:][empty] = torch.randn_like(noisy[..., 2:][empty]) * 5  # scramble colour/shape/size logits
+    a, b = readout_loss(logits, targets), readout_loss(noisy, targets)
+    assert set(a) == {*HEADS, "loss"}
+    for name in a:
+        assert a[name].item() == pytest.approx(b[name].item())
+
+
+def test_pool_pixels_match_the_image_processor():
+    processor = ImageProcessor(size=32)
+    pixels, targets = render_pool(0, "train", 5, 3, processor)
+    images = [render(make_scene(0, "train", i), 32) for i in range(5, 8)]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 32, 32) and targets.shape == (3, 5, 4)
+    assert torch.equal(normalise(pixels, processor), processor(images))
+
+
+def test_lr_at_progress():
+    assert lr_at_progress(0.0, 1.0) == pytest.approx(0.01)
+    assert lr_at_progress(0.025, 1.0) == pytest.approx(0.5)
+    assert lr_at_progress(0.05, 1.0) == pytest.approx(1.0)
+    assert lr_at_progress(0.525, 1.0) == pytest.approx(0.525)  # half-way down the cosine
+    assert lr_at_progress(1.0, 1.0) == pytest.approx(0.05)
+    assert lr_at_progress(2.0, 1.0) == pytest.approx(0.05)
+
+
+def test_tiny_run_saves_a_loadable_tower(tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "tower"
+    metrics = run_pretrain_vision(out, **TINY)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {"attr_acc", "heldout_attr_acc", "steps", "train_s", "params"} <= set(saved)
+    assert saved["steps"] == 5 and 0.0 <= saved["attr_acc"] <= 1.0
+    assert metrics["attr_acc"] == saved["attr_acc"]
+    assert (out / "readout.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["tower"]  # no temporary folder left behind
+
+    encoder = VisionEncoder.from_source(str(out))
+    assert encoder.processor == ImageProcessor(size=32)
+    image = render(make_scene(0, "test", 0), 32)
+    feats = encoder(encoder.processor([image, image]))
+    assert feats.shape == (2, (32 // 8) ** 2 + 1, 32)  # (B, N, Dv): patches + [CLS]
+
+    init = build_tower(32, 8, 32, 1, 4, seed=TINY["seed"]).state_dict()
+    loaded = AutoModel.from_pretrained(out).state_dict()
+    assert init.keys() == loaded.keys()
+    assert any(not torch.equal(init[k], loaded[k]) for k in init)
+
+
+def test_failing_run_raises_and_writes_nothing(tmp_path):
+    out = tmp_path / "tower"
+    with pytest.raises(ValueError, match="patch_size 7 must divide image_size 32"):
+        run_pretrain_vision(out, **{**TINY, "patch_size": 7})
+    with pytest.raises(ValueError, match="num_heads 3 must divide hidden_size 32"):
+        run_pretrain_vision(out, **{**TINY, "num_heads": 3})
+    assert list(tmp_path.iterdir()) == []
