@@ -113,6 +113,7 @@ def test_incremental_and_bad_inputs(encoder, tmp_path):
     assert first["computed"] == len(good_images())  # one entry per distinct image...
     assert first["duplicates"] == 4  # ...the caption cases all point at good.png
     again = run_cache_features(expected["path"], encoder, tmp_path / "c", batch_size=8)
+    assert again["up_to_date"] and not first["up_to_date"]  # checked by hashing only, nothing decoded
     assert again["computed"] == 0 and again["skipped"] == expected["skipped"] and again["used"] == expected["used"]
     more = run_cache_features(SPEC, encoder, tmp_path / "c", batch_size=8)
     assert more["computed"] == 10 and more["total"] == first["total"] + 10

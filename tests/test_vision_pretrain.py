@@ -109,6 +109,7 @@ def test_tiny_run_saves_a_loadable_tower(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tower"]  # no temporary folder left behind
 
     encoder = VisionEncoder.from_source(str(out))
+    assert encoder.fingerprint() == VisionEncoder.from_source(str(out)).fingerprint()  # nothing drawn at load
     assert encoder.processor == ImageProcessor(size=32)
     image = render(make_scene(0, "test", 0), 32)
     feats = encoder(encoder.processor([image, image]))

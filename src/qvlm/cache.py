@@ -243,7 +243,7 @@ def run_cache_features(source: str, vision, cache_dir: str | Path, batch_size: i
         quick = open_dataset(source, split, max_pixels=max_pixels, decode_images=False)
         counter = up_to_date(index, quick, max_records)
         if counter is not None:
-            stats = {"computed": 0, "reused": counter.used, "duplicates": 0, "rebuilt": False,
+            stats = {"computed": 0, "reused": counter.used, "duplicates": 0, "rebuilt": False, "up_to_date": True,
                      "total": len(index["entries"]), "shards": len(index["shards"]),
                      "fingerprint": index["header"]["fingerprint"]}
             return summarize(counter, stats, cache_dir, start)
@@ -254,7 +254,7 @@ def run_cache_features(source: str, vision, cache_dir: str | Path, batch_size: i
 
         records = tqdm(records, desc="cache-features", unit="img", file=sys.stderr)
     stats = build_cache(records, encoder, cache_dir, batch_size, shard_size, rebuild, failed)
-    return summarize(counter, stats, cache_dir, start)
+    return summarize(counter, {**stats, "up_to_date": False}, cache_dir, start)
 
 
 def up_to_date(index: dict, dataset, max_records: int | None):

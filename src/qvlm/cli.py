@@ -100,6 +100,40 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_features(args: argparse.Namespace) -> int:
+    from qvlm.cache import run_cache_features
+    from qvlm.models.vision import VisionEncoder
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.data.cache_dir:
+        raise UsageError("set data.cache_dir (e.g. data.cache_dir=runs/cache) to say where the cache goes")
+    v = cfg.model.vision
+    encoder = VisionEncoder.from_source(v.source, layer=v.layer, drop_cls=v.drop_cls, seed=cfg.train.seed,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    report = {}
+    for split in args.splits:
+        report[split] = run_cache_features(cfg.data.source, encoder, cfg.data.cache_dir, split=split,
+                                           augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels,
+                                           progress=True)
+    if args.json:
+        print_json(report)
+    else:
+        for split, summary in report.items():
+            print(f"{split}: {summary.get('summary', summary)}")
+    return 0
+
+
+def cmd_pretrain_vision(args: argparse.Namespace) -> int:
+    from qvlm.vision_pretrain import run_pretrain_vision
+
+    metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds)
+    if args.json:
+        print_json(metrics)
+    else:
+        print(f"vision tower written to {args.out}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -138,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on at most this many records")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache-features", help="compute the frozen vision features once (data.cache_dir)")
+    add_config_args(p)
+    p.add_argument("--splits", nargs="+", default=["train"], help="splits of data.source to cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_cache_features)
+
+    p = sub.add_parser("pretrain-vision", help="train the offline demo's small vision tower on synthetic scenes")
+    p.add_argument("--out", default="runs/vision", help="HF-format folder for model.vision.source")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=150.0, help="training time budget")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_pretrain_vision)
 
     p = sub.add_parser("data", help="make or inspect data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -128,7 +128,12 @@ def attribute_accuracy(pred: Tensor, targets: Tensor) -> dict[str, float]:
 
 def build_tower(image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int,
                 seed: int):
-    """A fresh ``ViTModel`` (no pooler, no dropout) of that shape; raises ValueError on a bad shape."""
+    """A fresh ``ViTModel`` (no dropout) of that shape; raises ValueError on a bad shape.
+
+    The pooler is kept though never trained or used: ``AutoModel.from_pretrained`` builds one, and
+    if the checkpoint lacked it its weights would be drawn anew at every load, changing the tower's
+    fingerprint (the frozen-feature cache key) from run to run.
+    """
     from transformers import ViTConfig, ViTModel
 
     if patch_size <= 0 or image_size % patch_size:
@@ -142,7 +147,7 @@ def build_tower(image_size: int, patch_size: int, hidden_size: int, num_layers: 
                        intermediate_size=4 * hidden_size, hidden_dropout_prob=0.0,
                        attention_probs_dropout_prob=0.0)
     torch.manual_seed(seed)
-    return ViTModel(config, add_pooling_layer=False)
+    return ViTModel(config, add_pooling_layer=True)
 
 
 def lr_at_progress(progress: float, base_lr: float, warmup: float = 0.05, min_ratio: float = 0.05) -> float:

@@ -130,8 +130,22 @@ def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
 
     q = cfg.model.qformer
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
+    features = open_feature_cache(cfg, model, split)
     dataset = open_dataset(cfg.data.source, split=split, max_pixels=cfg.data.max_image_pixels,
+                           decode_images=features is None,
                            rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed)
-    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
+    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len, features=features)
     return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(tokenizer))
+
+
+def open_feature_cache(cfg: Config, model, split: str):
+    """With ``data.cache_dir`` set: build (or confirm, or rebuild if stale) the cache, then open it."""
+    if not cfg.data.cache_dir:
+        return None
+    from qvlm.cache import CachedFeatures, run_cache_features
+
+    if D.rank() == 0:
+        run_cache_features(cfg.data.source, model.vision, cfg.data.cache_dir, split=split,
+                           augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels, progress=True)
+    return CachedFeatures.open(cfg.data.cache_dir, model.vision)
