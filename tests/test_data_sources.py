@@ -36,7 +36,8 @@ def test_jsonl_relative_paths_captions_and_messages(tmp_path):
     names = make_images(tmp_path / "data", 3)
     chat = [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "red"}]
     rows = [{"image": names[0], "caption": "zero"}, {"image": names[1], "messages": chat, "key": "k1"},
-            {"image": names[2], "caption": "two", "attributes": {"left": None}}, {"image": "pics/9.png", "caption": "x"}]
+            {"image": names[2], "caption": "two", "attributes": {"left": None}},
+            {"image": "pics/9.png", "caption": "x"}]
     path = tmp_path / "data" / "list.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     records, counter = read_all(str(path))
@@ -72,7 +73,7 @@ def test_csv_with_bad_bytes_skips_only_that_row(tmp_path):
 
 def test_directory_of_splits_and_unknown_spec(tmp_path):
     names = make_images(tmp_path, 2)
-    for split, name in zip(("train", "test"), names):
+    for split, name in zip(("train", "test"), names, strict=True):
         (tmp_path / f"{split}.jsonl").write_text(json.dumps({"image": name, "caption": split}) + "\n")
     assert read_all(str(tmp_path), split="test")[0][0]["caption"] == "test"
     with pytest.raises(DataSourceError, match="synth"):
@@ -112,6 +113,8 @@ def test_webdataset_bad_member_and_bad_shard(tmp_path):
     assert counter.skipped == {"truncated": 1, "bad_shard": 2}
     assert [r["key"] for r in records][:2] == made["keys"][:2]
     assert 2 <= len(records) < 5
+    with pytest.raises(DataSourceError, match="none of its 3 tar shards"):
+        open_dataset(str(tmp_path / "typo" / "{0..2}.tar"))
 
 
 def test_hf_save_to_disk_and_imagefolder(tmp_path):

@@ -12,8 +12,7 @@ from qvlm.data import scenes_metrics as sm
 from qvlm.data.commands import run_synth
 from qvlm.data.records import DataSourceError, iter_records
 from qvlm.data.sources import open_dataset
-from qvlm.data.synth import (DEFAULT_HELDOUT, POSITIONS, SynthScenes, describe, make_scene, render,
-                             seen_pairs)
+from qvlm.data.synth import DEFAULT_HELDOUT, POSITIONS, SynthScenes, describe, make_scene, render, seen_pairs
 
 
 def pairs(scene) -> set[tuple[str, str]]:
@@ -105,7 +104,7 @@ def test_messages_answer_the_scene():
         assert [t["role"] for t in chat] == ["user", "assistant"] * (len(chat) // 2) and len(chat) == 6
         assert chat[0]["content"] == "how many objects are there?"
         assert chat[1]["content"] == ("one", "two", "three")[len(scene.objects) - 1]
-        for q, a in zip(chat[2::2], chat[3::2]):
+        for q, a in zip(chat[2::2], chat[3::2], strict=True):
             text = q["content"]
             if text.startswith("what colour is the ") and "object" not in text:
                 shape = text.removeprefix("what colour is the ").rstrip("?")

@@ -9,8 +9,9 @@ import torch
 
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
-from qvlm.vision_pretrain import (HEADS, IGNORE, attribute_accuracy, build_tower, lr_at_progress, normalise,
-                                  predict, readout_loss, render_pool, run_pretrain_vision, scene_targets)
+from qvlm.vision_pretrain import (HEADS, IGNORE, ThreadPicker, attribute_accuracy, build_tower, lr_at_progress,
+                                  normalise, predict, readout_loss, render_pool, run_pretrain_vision,
+                                  scene_targets)
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
             batch_size=8, n_train=32, n_eval=16, progress=False, seed=3)
@@ -128,3 +129,18 @@ def test_failing_run_raises_and_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="num_heads 3 must divide hidden_size 32"):
         run_pretrain_vision(out, **{**TINY, "num_heads": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_thread_picker_probes_then_keeps_the_faster():
+    picker = ThreadPicker(every=10)
+    picker.full, picker.choices = 2, [1, 2]
+    picker.interval, picker.next_probe = {1: 10, 2: 10}, {1: 1, 2: 1}
+    used = []
+    for step in range(100):  # 2 threads: 5x slower than 1 until step 60, then 2x faster
+        threads = picker.threads_for(step)
+        used.append(threads)
+        picker.record(threads, step, {1: 0.6, 2: 3.0 if step < 60 else 0.3}[threads])
+    assert used[0] == 1  # warm-up, untimed
+    assert [s for s in range(1, 62) if used[s] == 2] == [2, 22]  # probes of the loser, interval doubling
+    assert all(t == 2 for s, t in enumerate(used) if s >= 62 and s not in (71, 91))  # switched at the probe
+    assert used[71] == used[91] == 1  # and 1 is probed in turn

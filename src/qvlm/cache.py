@@ -4,9 +4,9 @@ BLIP-2 keeps the image encoder frozen in both stages, so its outputs are a pure 
 layer, pixel preprocessing, image). The cache stores them as fp16 safetensors shards
 (``features-NNNNN.safetensors``, one tensor ``features`` of shape (R, N, Dv)) plus ``index.json``:
 a header (``encoder.fingerprint()``, source, layer, drop_cls, image-processor settings, version) and
-``entries``: image_id -> [shard, row] (and ``failed``: image_id -> skip reason), where image_id is the record's content hash (sha256 of the raw
-file bytes, or of the RGB pixels for in-memory images). Reads go through ``safe_open`` slices: one row
-is read from the memory-mapped file, nothing else is loaded.
+``entries``: image_id -> [shard, row] (and ``failed``: image_id -> skip reason), where image_id is
+the record's content hash (sha256 of the raw file bytes, or of the RGB pixels for in-memory images).
+Reads go through ``safe_open`` slices: one row is read from the memory-mapped file, nothing else.
 
 A cache whose header does not match the encoder is stale: ``build_cache`` deletes and rebuilds it
 (or raises ``StaleCacheError`` with ``rebuild=False``); ``CachedFeatures.open`` always raises - a

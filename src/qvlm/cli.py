@@ -55,11 +55,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from qvlm.eval.retrieval import evaluate_retrieval
+    from qvlm.eval.retrieval import eval_source, evaluate_retrieval
     from qvlm.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    eval_fn = evaluate_retrieval if cfg.train.stage == 1 and cfg.eval.max_samples > 0 else None
+    eval_fn = None
+    if cfg.train.stage == 1 and cfg.eval.max_samples > 0:
+        if eval_source(cfg) is None:
+            eprint("note: no periodic evaluation: data.source is streamed shards; set eval.data to enable it")
+        else:
+            eval_fn = evaluate_retrieval
     result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
     if args.json:
         print_json(result)

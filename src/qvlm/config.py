@@ -104,6 +104,11 @@ class DataConfig:
     image_size: int = 0  # 0 = the vision tower's own size
     max_caption_tokens: int = 64
     max_image_pixels: int = 64_000_000  # decompression-bomb guard
+    min_image_side: int = 1  # skip images smaller than this on either side
+    max_caption_chars: int = 2048  # longer captions are cut at a word boundary (tokens: max_text_len)
+    image_column: str = ""  # HF datasets / files: "" = auto-detect (image, img, jpg, ...)
+    caption_column: str = ""  # "" = auto-detect (caption, text, txt, ...)
+    shuffle_shards: bool = True  # streamed tar shards: shuffle shard order per epoch
     num_workers: int = 0
     cache_dir: str = ""  # frozen-feature cache; "" = off
     group_by_length: bool = False

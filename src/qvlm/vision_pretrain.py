@@ -40,13 +40,8 @@ N_CHECK = 256  # held-in check images: train-split indices just past the pool, n
 
 def scene_targets(scene) -> list[list[int]]:
     """(P, 4) rows [present, colour, shape, size] in POSITIONS order; IGNORE for an empty position."""
-    attrs = scene.attributes()
-    rows = []
-    for pos in POSITIONS:
-        a = attrs[pos]
-        rows.append([0, IGNORE, IGNORE, IGNORE] if a is None else
-                    [1, *(VOCAB[k].index(a[k]) for k in ATTRIBUTES)])
-    return rows
+    return [[0, IGNORE, IGNORE, IGNORE] if a is None else [1, *(VOCAB[k].index(a[k]) for k in ATTRIBUTES)]
+            for a in (scene.attributes()[pos] for pos in POSITIONS)]
 
 
 def render_pool(seed: int, split: str, start: int, n: int, processor: ImageProcessor) -> tuple[Tensor, Tensor]:
@@ -183,50 +178,103 @@ def evaluate(tower, readout: Readout, pixels: Tensor, targets: Tensor, processor
     return attribute_accuracy(torch.cat(preds), targets)
 
 
+class ThreadPicker:
+    """Runs each step on 1 or on all intra-op threads, whichever was faster when last timed.
+
+    When other processes share the (2) cores, 2 OpenMP threads can be 10x slower than 1 (each barrier
+    waits for a descheduled thread), while on idle cores 2 threads are ~1.7x faster than 1. The choice
+    in use is timed every step; the other is probed for one step after ``every`` steps, and after
+    each probe it loses its next probe waits twice as long (at most ``4 * every``). Step 0, the
+    warm-up, runs on 1 thread (cheap whatever the load) and is not timed.
+    """
+
+    def __init__(self, every: int = 50):
+        self.full = torch.get_num_threads()
+        self.choices = sorted({1, self.full})
+        self.every = every
+        self.seconds: dict[int, float] = {}  # threads -> seconds of its last timed step
+        self.interval = dict.fromkeys(self.choices, every)
+        self.next_probe = dict.fromkeys(self.choices, 1)
+
+    def threads_for(self, step: int) -> int:
+        if step == 0:
+            return self.choices[0]
+        best = self.best()
+        probes = [c for c in self.choices if c != best and step >= self.next_probe[c]]
+        return probes[0] if probes else best
+
+    def best(self) -> int:
+        return min(self.seconds, key=self.seconds.get) if self.seconds else self.full
+
+    def record(self, threads: int, step: int, seconds: float) -> None:
+        if step == 0:
+            return
+        self.seconds[threads] = seconds
+        lost = threads != self.best()
+        self.interval[threads] = min(2 * self.interval[threads], 4 * self.every) if lost else self.every
+        self.next_probe[threads] = step + self.interval[threads]
+
+
+def train_step(tower, readout: Readout, opt, pixels: Tensor, targets: Tensor, processor: ImageProcessor,
+               autocast: bool) -> dict[str, Tensor]:
+    """One AdamW step on a batch (uint8 pixels (B, 3, H, W), targets (B, P, 4)); returns the losses."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        tokens = tower(pixel_values=normalise(pixels, processor)).last_hidden_state  # (B, N, Dv)
+        losses = readout_loss(readout(tokens), targets)
+    if not torch.isfinite(losses["loss"]):
+        raise FloatingPointError(f"pretrain-vision: loss is {losses['loss'].item()}")
+    opt.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return losses
+
+
+def build_optimizer(tower, readout: Readout, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on norms, biases and the [CLS]/position embeddings."""
+    named = list(tower.named_parameters()) + list(readout.named_parameters())
+    decays = {n: p.ndim >= 2 and "embeddings" not in n for n, p in named}
+    groups = [{"params": [p for n, p in named if decays[n]], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if not decays[n]], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
 def train_readout(tower, readout: Readout, pool: tuple[Tensor, Tensor], check: tuple[Tensor, Tensor],
                   processor: ImageProcessor, *, max_seconds: float, max_steps: int | None, batch_size: int,
                   lr: float, weight_decay: float, target_acc: float, seed: int, progress: bool) -> dict:
-    """The loop: sample a batch from the pool, lr from the budget used, step; every CHECK_EVERY steps a
-    held-in check that may stop early at ``target_acc``. Returns {"steps", "train_s", "check_acc"}."""
-    named = list(tower.named_parameters()) + list(readout.named_parameters())
-    params = [p for _, p in named]
-    decay = [p for n, p in named if p.ndim >= 2 and "embeddings" not in n]  # no decay: norms, biases, cls/pos
-    plain = [p for n, p in named if not (p.ndim >= 2 and "embeddings" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
-    autocast = has_cpu_bf16()
+    """The loop: lr from the budget used, a batch sampled from the pool, a step; every CHECK_EVERY
+    steps a held-in check that may stop early at ``target_acc``. Leaves the faster thread count set."""
+    opt = build_optimizer(tower, readout, lr, weight_decay)
+    autocast, picker = has_cpu_bf16(), ThreadPicker(CHECK_EVERY)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=max_steps, desc="pretrain-vision", file=sys.stderr, disable=not progress)
     start, step, check_acc = time.perf_counter(), 0, float("nan")
     tower.train()
     while True:
-        elapsed = time.perf_counter() - start
-        used = max(elapsed / max_seconds, step / max_steps if max_steps else 0.0)
+        used = max((time.perf_counter() - start) / max_seconds, step / max_steps if max_steps else 0.0)
         if used >= 1.0:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at_progress(used, lr)
+        threads = picker.threads_for(step)
+        torch.set_num_threads(threads)
         idx = torch.randint(len(pool[0]), (batch_size,), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            tokens = tower(pixel_values=normalise(pool[0][idx], processor)).last_hidden_state  # (B, N, Dv)
-            losses = readout_loss(readout(tokens), pool[1][idx])
-        if not torch.isfinite(losses["loss"]):
-            raise FloatingPointError(f"pretrain-vision: loss is {losses['loss'].item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        tic = time.perf_counter()
+        losses = train_step(tower, readout, opt, pool[0][idx], pool[1][idx], processor, autocast)
+        picker.record(threads, step, time.perf_counter() - tic)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{group['lr']:.1e}", refresh=False)
+        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{group['lr']:.1e}", threads=threads,
+                        check=f"{check_acc:.3f}", refresh=False)
         if step % CHECK_EVERY == 0:
+            torch.set_num_threads(picker.best())
             check_acc = evaluate(tower, readout, *check, processor)["attr_acc"]
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", check=f"{check_acc:.3f}")
             if check_acc >= target_acc:
                 break
     bar.close()
+    torch.set_num_threads(picker.best())
     return {"steps": step, "train_s": round(time.perf_counter() - start, 1), "check_acc": check_acc,
-            "bf16": autocast}
+            "bf16": autocast, "step_s": {str(k): round(v, 3) for k, v in picker.seconds.items()}}
 
 
 def save_tower(out: Path, tower, readout: Readout, processor: ImageProcessor, metrics: dict) -> None:
@@ -266,6 +314,7 @@ def run_pretrain_vision(out: str | Path, *, seed: int = 0, image_size: int = 64,
     ``attribute_accuracy`` on ``n_eval`` i.i.d. test-split images (``attr_acc``) and on ``n_eval``
     held-out-pair images (``heldout_attr_acc``). Nothing is written unless the run succeeds.
     """
+    settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}  # the arguments
     if max_seconds <= 0 or (max_steps is not None and max_steps < 1) or min(batch_size, n_train, n_eval) < 1:
         raise ValueError("max_seconds, max_steps, batch_size, n_train and n_eval must be positive")
     out = Path(out)
@@ -277,21 +326,20 @@ def run_pretrain_vision(out: str | Path, *, seed: int = 0, image_size: int = 64,
     pool = render_pool(seed, "train", 0, n_train, processor)
     check = render_pool(seed, "train", n_train, N_CHECK, processor)
     render_s = time.perf_counter() - wall
-    run = train_readout(tower, readout, pool, check, processor, max_seconds=max_seconds, max_steps=max_steps,
-                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, target_acc=target_acc,
-                        seed=seed, progress=progress)
-    test = evaluate(tower, readout, *render_pool(seed, "test", 0, n_eval, processor), processor)
-    heldout = evaluate(tower, readout, *render_pool(seed, "heldout", 0, n_eval, processor), processor)
+    threads = torch.get_num_threads()
+    try:
+        run = train_readout(tower, readout, pool, check, processor, max_seconds=max_seconds,
+                            max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                            target_acc=target_acc, seed=seed, progress=progress)
+        test = evaluate(tower, readout, *render_pool(seed, "test", 0, n_eval, processor), processor)
+        heldout = evaluate(tower, readout, *render_pool(seed, "heldout", 0, n_eval, processor), processor)
+    finally:
+        torch.set_num_threads(threads)
     metrics = {"attr_acc": test["attr_acc"], "heldout_attr_acc": heldout["attr_acc"],
                "object_acc": test["object_acc"], "heldout_object_acc": heldout["object_acc"],
                "presence_acc": test["presence_acc"], "check_acc": run["check_acc"],
                "steps": run["steps"], "train_s": run["train_s"], "render_s": round(render_s, 1),
-               "wall_s": round(time.perf_counter() - wall, 1), "bf16": run["bf16"],
-               "params": sum(p.numel() for p in tower.parameters()),
-               "settings": {"seed": seed, "image_size": image_size, "patch_size": patch_size,
-                            "hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
-                            "max_seconds": max_seconds, "max_steps": max_steps, "batch_size": batch_size,
-                            "lr": lr, "weight_decay": weight_decay, "n_train": n_train, "n_eval": n_eval,
-                            "target_acc": target_acc}}
+               "wall_s": round(time.perf_counter() - wall, 1), "bf16": run["bf16"], "step_s": run["step_s"],
+               "params": sum(p.numel() for p in tower.parameters()), "settings": settings}
     save_tower(out, tower, readout, processor, metrics)
     return metrics

@@ -1,6 +1,10 @@
-"""Data for qvlm (DESIGN.md §3): synthetic scenes, file / HF / WebDataset sources, robust decoding,
-collation, the bad-input fixture generator and ``data inspect``.
+"""Data for qvlm (DESIGN.md §3): one record format, many sources, robust decoding, collation.
 
-Nothing is imported here (no work at import time); import the modules you need:
-``qvlm.data.sources.open_dataset``, ``qvlm.data.collate.Stage1Collator``, ``qvlm.data.synth``...
+Modules: ``records`` (the record dict, skip markers, ``iter_records``), ``sources``
+(``open_dataset(spec, split)``: synth, JSONL/CSV, HF datasets, WebDataset shards), ``synth`` and
+``scenes_metrics`` (synthetic scenes, caption parsing and scoring), ``decode`` (image/caption
+cleaning, ``SkipRecord``, ``SkipCounter``), ``webdataset`` and ``hf`` (the two larger source kinds),
+``collate`` (``Stage1Collator``, ``LengthGroupedSampler``), ``fixtures`` (bad-input files for tests),
+``inspect`` and ``commands`` (``qvlm data synth`` / ``qvlm data inspect``). The frozen-feature cache is
+``qvlm.cache``. Nothing is imported here: no work at import time.
 """

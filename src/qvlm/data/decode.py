@@ -5,7 +5,9 @@ run never crashes on data (issue 3, "Robust decoding"). Reasons:
 
 - ``missing_file``, ``empty_file``, ``not_an_image``, ``truncated``, ``corrupt`` (decodes, then fails),
   ``too_many_pixels`` (width x height over the per-call limit: checked from the header, before any
-  pixel is decoded, so decompression bombs cost nothing), ``too_small`` (only when ``min_side`` > 1);
+  pixel is decoded, so decompression bombs cost nothing; PIL's own hard stop at 2 x
+  ``Image.MAX_IMAGE_PIXELS``, about 179 M pixels, also lands here), ``too_small`` (only when
+  ``min_side`` > 1);
 - ``bad_caption_empty`` (missing, null or blank caption), ``bad_caption_encoding`` (not valid UTF-8),
   ``bad_messages`` (not a list of {"role", "content"} turns with an assistant reply);
 - ``bad_line`` (a JSONL line that is not a JSON object), ``bad_shard`` (an unreadable tar shard),

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from qvlm.data.records import CAPTION_COLUMNS, IMAGE_COLUMNS, DataSourceError, Limits, make_record, pick
+from qvlm.data.records import (CAPTION_COLUMNS, DEFAULT_LIMITS, IMAGE_COLUMNS, DataSourceError, Limits,
+                               make_record, pick)
 
 MESSAGE_COLUMNS = ("messages", "conversations")
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -59,7 +60,7 @@ def load_hf(name: str, split: str, **kwargs):
 class HFDataset(Dataset):
     """Map-style records from a ``datasets.Dataset``."""
 
-    def __init__(self, ds, limits: Limits = Limits(), image_column: str | None = None,
+    def __init__(self, ds, limits: Limits = DEFAULT_LIMITS, image_column: str | None = None,
                  caption_column: str | None = None, **_ignored):
         datasets = import_datasets()
         columns = ds.column_names

@@ -11,8 +11,8 @@ A record is a plain dict::
      "notes": tuple[str, ...]}    # e.g. ("caption_truncated",); counted, never fatal
 
 A bad record is not raised but *returned* as a skip marker ``{"key": k, "skip": reason}`` (plus
-``image_id`` when the bytes were read but did not decode), and a
-streamed shard ends with ``{"key": k, "shard_done": path}``. Markers pass through DataLoader workers
+``image_id`` when the bytes were read but did not decode), and a streamed shard ends with
+``{"key": k, "shard_done": path}``. Markers pass through DataLoader workers
 like records, so skip counts and resume positions reach the main process; the collator drops them
 and reports them per batch (``batch["skipped"]``, ``batch["shards_done"]``). ``iter_records`` does
 the same for plain iteration.
@@ -27,8 +27,18 @@ from pathlib import Path
 
 from PIL import Image
 
-from qvlm.data.decode import (DEFAULT_MAX_CHARS, DEFAULT_MAX_PIXELS, SkipCounter, SkipRecord, apply_orientation,
-                              clean_caption, clean_messages, decode_image, read_bytes, to_rgb)
+from qvlm.data.decode import (
+    DEFAULT_MAX_CHARS,
+    DEFAULT_MAX_PIXELS,
+    SkipCounter,
+    SkipRecord,
+    apply_orientation,
+    clean_caption,
+    clean_messages,
+    decode_image,
+    read_bytes,
+    to_rgb,
+)
 
 
 class DataSourceError(ValueError):
@@ -56,6 +66,9 @@ class Limits:
     decode_images: bool = True  # False: skip pixel decoding (the feature cache needs only image_id)
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def bytes_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -76,7 +89,7 @@ def is_marker(item: dict) -> bool:
 
 
 def make_record(key: str, image: bytes | str | Path | Image.Image | None, caption: object = None,
-                messages: object = None, attributes: dict | None = None, limits: Limits = Limits()) -> dict:
+                messages: object = None, attributes: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> dict:
     """A record, or a skip marker if the text or the image is bad (text is checked first: it is cheaper)."""
     notes = SkipCounter()
     image_id = None

@@ -75,7 +75,7 @@ def score_captions(preds: list[str], attributes: list[dict]) -> dict:
         raise ValueError(f"{len(preds)} captions but {len(attributes)} attribute sets")
     n = len(preds)
     scores = {"color_shape": 0, "count": 0, "exact": 0}
-    for pred, attrs in zip(preds, attributes):
+    for pred, attrs in zip(preds, attributes, strict=True):
         objects = parse_caption(pred)
         scores["color_shape"] += color_shape(objects, attrs)
         scores["count"] += count(objects, attrs)

@@ -28,7 +28,16 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from qvlm.data.hf import HFDataset, load_hf, load_hf_disk
-from qvlm.data.records import CAPTION_COLUMNS, IMAGE_COLUMNS, DataSourceError, Limits, make_record, pick, skip_marker
+from qvlm.data.records import (
+    CAPTION_COLUMNS,
+    DEFAULT_LIMITS,
+    IMAGE_COLUMNS,
+    DataSourceError,
+    Limits,
+    make_record,
+    pick,
+    skip_marker,
+)
 from qvlm.data.webdataset import ShardStream, expand_shards, looks_like_shards
 
 SYNTH_KEYS = {"n": 5000, "seed": 0, "image_size": 64, "n_test": None, "n_heldout": None}
@@ -44,20 +53,24 @@ def open_dataset(spec: str, split: str = "train", *, max_pixels: int | None = No
     streamed shards (map-style datasets are split by the loop's sampler)."""
     limits = Limits(**{k: v for k, v in (("max_pixels", max_pixels), ("max_chars", max_chars)) if v is not None},
                     min_side=min_side, decode_images=decode_images)
-    text = (spec or "").strip()
+    text = str(spec or "").strip()
     if text == "synth" or text.startswith("synth:"):
         return open_synth(text, split, limits, options)
     if text.startswith("hf:"):
         return HFDataset(load_hf(text[3:], split), limits, **options)
     if looks_like_shards(text):
-        return ShardStream(expand_shards(text), limits, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+        return open_shards(text, limits, rank, world_size, seed, shuffle)
     path = Path(text).expanduser()
     if path.suffix in (".jsonl", ".csv"):
         return FileDataset(path, limits, **options)
     if path.is_dir():
         return open_directory(path, split, limits, rank, world_size, seed, shuffle, options)
     if HUB_ID.match(text) and not path.exists():
-        return HFDataset(load_hf(text, split), limits, **options)
+        try:
+            return HFDataset(load_hf(text, split), limits, **options)
+        except DataSourceError as exc:
+            raise DataSourceError(f"data.source {text!r} is not a local path, so it was read as a Hugging Face "
+                                  f"hub id: {exc}") from exc
     raise DataSourceError(
         f"data.source {spec!r}: not understood. Use synth[:n=N,seed=S,image_size=P], a .jsonl/.csv file, "
         "a directory (split.jsonl files, tar shards, save_to_disk or imagefolder), tar shards "
@@ -70,8 +83,7 @@ def open_directory(path: Path, split: str, limits: Limits, rank, world_size, see
         if (path / name).is_file():
             return FileDataset(path / name, limits, **options)
     if any(path.glob("*.tar")):
-        return ShardStream(expand_shards(str(path)), limits, rank=rank, world_size=world_size, seed=seed,
-                           shuffle=shuffle)
+        return open_shards(str(path), limits, rank, world_size, seed, shuffle)
     if any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
         return HFDataset(load_hf_disk(path, split), limits, **options)
     if any((path / f).is_file() for f in ("metadata.jsonl", "metadata.csv")):
@@ -82,6 +94,15 @@ def open_directory(path: Path, split: str, limits: Limits, rank, world_size, see
     )
 
 
+def open_shards(text: str, limits: Limits, rank: int, world_size: int, seed: int, shuffle: bool) -> ShardStream:
+    """Tar shards; an error if none exists (a typo), a ``bad_shard`` skip per missing one otherwise."""
+    shards = expand_shards(text)
+    if not any(Path(s).is_file() for s in shards):
+        raise DataSourceError(f"data.source {text!r}: none of its {len(shards)} tar shards exists "
+                              f"(first: {shards[0] if shards else '-'})")
+    return ShardStream(shards, limits, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle)
+
+
 def open_synth(text: str, split: str, limits: Limits, options: dict):
     from qvlm.data.synth import DEFAULT_HELDOUT, SynthScenes, split_sizes
 
@@ -90,7 +111,8 @@ def open_synth(text: str, split: str, limits: Limits, options: dict):
     for item in filter(None, (p.strip() for p in body.split(","))):
         key, eq, raw = item.partition("=")
         if key not in SYNTH_KEYS or not eq:
-            raise DataSourceError(f"data.source {text!r}: {item!r} is not key=value with key in {', '.join(SYNTH_KEYS)}")
+            raise DataSourceError(
+                f"data.source {text!r}: {item!r} is not key=value with key in {', '.join(SYNTH_KEYS)}")
         try:
             values[key] = int(raw)
         except ValueError as exc:
@@ -105,7 +127,7 @@ def open_synth(text: str, split: str, limits: Limits, options: dict):
 class FileDataset(Dataset):
     """A JSONL or CSV file of records; image paths relative to the file's folder. Parsed once, up front."""
 
-    def __init__(self, path: str | Path, limits: Limits = Limits(), image_column: str | None = None,
+    def __init__(self, path: str | Path, limits: Limits = DEFAULT_LIMITS, image_column: str | None = None,
                  caption_column: str | None = None, **_ignored):
         self.path = Path(path)
         if not self.path.is_file():

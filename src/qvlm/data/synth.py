@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from qvlm.data.records import Limits, make_record
+from qvlm.data.records import DEFAULT_LIMITS, Limits, make_record
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (215, 45, 45), "green": (45, 160, 70), "blue": (45, 85, 215),
@@ -177,7 +177,7 @@ class SynthScenes(Dataset):
     """Map-style dataset of synthetic scenes, generated on the fly per index (nothing stored)."""
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", image_size: int = 64,
-                 heldout=DEFAULT_HELDOUT, limits: Limits = Limits()):
+                 heldout=DEFAULT_HELDOUT, limits: Limits = DEFAULT_LIMITS):
         if split not in SPLITS:
             raise ValueError(f"synthetic split must be one of {', '.join(SPLITS)}, got {split!r}")
         self.n, self.seed, self.split, self.image_size = n, seed, split, image_size

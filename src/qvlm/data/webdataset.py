@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from qvlm.data.records import Limits, make_record, skip_marker
+from qvlm.data.records import DEFAULT_LIMITS, Limits, make_record, skip_marker
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -92,7 +92,7 @@ def looks_like_shards(spec: str) -> bool:
 class ShardStream(IterableDataset):
     """Records streamed from tar shards, split over ranks and DataLoader workers (see module doc)."""
 
-    def __init__(self, shards: list[str], limits: Limits = Limits(), rank: int = 0, world_size: int = 1,
+    def __init__(self, shards: list[str], limits: Limits = DEFAULT_LIMITS, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle: bool = False):
         if not shards:
             raise ValueError("no tar shards given")
@@ -139,7 +139,7 @@ class ShardStream(IterableDataset):
             yield {"key": f"{shard}#end", "shard_done": shard}
 
 
-def read_shard(shard: str, limits: Limits = Limits()) -> Iterator[dict]:
+def read_shard(shard: str, limits: Limits = DEFAULT_LIMITS) -> Iterator[dict]:
     """Records (or skip markers) of one tar shard; an unreadable or cut-off shard ends with ``bad_shard``."""
     stem = Path(shard).name.rsplit(".tar", 1)[0]
     group: dict[str, bytes] = {}

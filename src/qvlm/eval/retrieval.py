@@ -8,6 +8,7 @@ synthetic scenes repeat captions, so several texts can be right for one image).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -115,17 +116,32 @@ def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"
     (default ``eval.data``, else the ``test`` split of ``data.source``)."""
     from qvlm.data.collate import Stage1Collator
     from qvlm.data.records import iter_records
-    from qvlm.data.sources import open_dataset
     from qvlm.sources import load_tokenizer
+    from qvlm.train.batches import open_data
 
     q = cfg.model.qformer
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
-    dataset = open_dataset(source or cfg.eval.data or cfg.data.source, split=split,
-                           max_pixels=cfg.data.max_image_pixels)
+    source = source or eval_source(cfg)
+    if source is None:
+        raise ValueError("data.source is a stream of tar shards with no test split: set eval.data "
+                         "(or pass --data) to evaluate on held-out records")
+    dataset = open_data(cfg, source, split)
     collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
     records = list(iter_records(dataset, limit=cfg.eval.max_samples))
     for start in range(0, len(records), cfg.eval.batch_size):
         yield collate(records[start:start + cfg.eval.batch_size])
+
+
+def eval_source(cfg) -> str | None:
+    """eval.data, else data.source when it has a test split (not for streamed shards)."""
+    from qvlm.data.webdataset import looks_like_shards
+
+    if cfg.eval.data:
+        return cfg.eval.data
+    source = cfg.data.source
+    folder = Path(source).expanduser()
+    shards_dir = folder.is_dir() and any(folder.glob("*.tar")) and not any(folder.glob("test.*"))
+    return None if looks_like_shards(source) or shards_dir else source
 
 
 def evaluate_retrieval(model: VLM, cfg, source: str | None = None, split: str = "test") -> dict[str, float]:

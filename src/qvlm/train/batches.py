@@ -125,15 +125,14 @@ def decoder_start_id(tokenizer) -> int:
 def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
     """The training stream for ``cfg.data.source`` (stage-1 collation with the Q-Former tokenizer)."""
     from qvlm.data.collate import Stage1Collator
-    from qvlm.data.sources import open_dataset
     from qvlm.sources import load_tokenizer
 
     q = cfg.model.qformer
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
     features = open_feature_cache(cfg, model, split)
-    dataset = open_dataset(cfg.data.source, split=split, max_pixels=cfg.data.max_image_pixels,
-                           decode_images=features is None,
-                           rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed)
+    dataset = open_data(cfg, cfg.data.source, split, decode_images=features is None,
+                        rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed,
+                        shuffle=cfg.data.shuffle_shards)
     collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len, features=features)
     return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(tokenizer))
@@ -148,4 +147,16 @@ def open_feature_cache(cfg: Config, model, split: str):
     if D.rank() == 0:
         run_cache_features(cfg.data.source, model.vision, cfg.data.cache_dir, split=split,
                            augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels, progress=True)
+    D.barrier()  # the other ranks open the cache only once rank 0 has finished writing it
     return CachedFeatures.open(cfg.data.cache_dir, model.vision)
+
+
+def open_data(cfg: Config, source: str, split: str, **kwargs):
+    """``open_dataset`` with the data.* limits and column names of the config."""
+    from qvlm.data.sources import open_dataset
+
+    options = {k: v for k, v in (("image_column", cfg.data.image_column),
+                                 ("caption_column", cfg.data.caption_column)) if v}
+    return open_dataset(source, split=split, max_pixels=cfg.data.max_image_pixels,
+                        max_chars=cfg.data.max_caption_chars, min_side=cfg.data.min_image_side,
+                        **kwargs, **options)

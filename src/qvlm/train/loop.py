@@ -136,7 +136,7 @@ def train_step(model: VLM, opt, stream: BatchStream, cfg: Config, autocast, gen,
             terms = step_losses(model, batch, cfg, generator=gen, dec_token_id=stream.dec_token_id)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at this step ({ {k: float(v) for k, v in terms.items()} }); "
+            raise NonFiniteLoss(f"loss became {loss.item()} at this step ({ {k: float(v.detach()) for k, v in terms.items()} }); "
                                 "lower train.lr or check the data")
         (loss / cfg.train.grad_accum).backward()
         for key, value in terms.items():
