@@ -144,6 +144,20 @@ def test_cli_train_and_eval(tmp_path, capsys):
     for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r10", "itc_i2t_r1"):
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["n"] == 8
+    assert main(["eval", "classify", "--model", str(out / "model"), "--max-samples", "16", "--json",
+                 "--classes", "circle,square,triangle", "--template", "a {}"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n"] + metrics["unlabelled"] == 16
+    assert main(["eval", "classify", "--model", str(out / "model")]) == 2  # --classes missing
+
+
+def test_caption_label():
+    from qvlm.eval.classify import caption_label
+
+    classes = ["circle", "square", "triangle"]
+    assert caption_label("a large red circle on the left", classes) == 0
+    assert caption_label("a red circle and a blue square", classes) is None
+    assert caption_label("circles everywhere", classes) is None
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):

@@ -75,13 +75,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.eval.retrieval import evaluate_retrieval
     from qvlm.models.vlm import VLM
 
-    if args.task != "retrieval":
-        raise UsageError(f"eval {args.task!r} is not available yet; available: retrieval")
+    if args.task not in ("retrieval", "classify"):
+        raise UsageError(f"eval {args.task!r} is not available yet; available: retrieval, classify")
+    if args.task == "classify" and not args.classes:
+        raise UsageError("eval classify needs --classes NAME,NAME,...")
     model = VLM.from_pretrained(args.model, with_llm=False).eval()
     cfg = model.config
     if args.max_samples is not None:
         cfg.eval.max_samples = args.max_samples
-    metrics = evaluate_retrieval(model, cfg, source=args.data, split=args.split)
+    if args.task == "classify":
+        from qvlm.eval.classify import classify_metrics
+
+        classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        metrics = classify_metrics(model, cfg, classes, args.template, source=args.data, split=args.split)
+    else:
+        metrics = evaluate_retrieval(model, cfg, source=args.data, split=args.split)
     if args.json:
         print_json(metrics)
     else:
@@ -175,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data source (default: the model's eval.data or data.source)")
     p.add_argument("--split", default="test", help="split of the data source (default: test)")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on at most this many records")
+    p.add_argument("--classes", default="", help="classify: comma-separated class names, e.g. circle,square,triangle")
+    p.add_argument("--template", default="a photo of a {}", help="classify: prompt with {} for the class name")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
