@@ -139,8 +139,10 @@ def test_thread_picker_probes_then_keeps_the_faster():
     for step in range(100):  # 2 threads: 5x slower than 1 until step 60, then 2x faster
         threads = picker.threads_for(step)
         used.append(threads)
-        picker.record(threads, step, {1: 0.6, 2: 3.0 if step < 60 else 0.3}[threads])
+        seconds = {1: 0.6, 2: 3.0 if step < 60 else 0.3}[threads]
+        picker.record(threads, step, 9.0 if step == 40 else seconds)  # one slow step does not flip it
     assert used[0] == 1  # warm-up, untimed
     assert [s for s in range(1, 62) if used[s] == 2] == [2, 22]  # probes of the loser, interval doubling
     assert all(t == 2 for s, t in enumerate(used) if s >= 62 and s not in (71, 91))  # switched at the probe
     assert used[71] == used[91] == 1  # and 1 is probed in turn
+    assert picker.seconds() == {"1": 0.6, "2": 0.3}

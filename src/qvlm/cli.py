@@ -15,6 +15,7 @@ import traceback
 from typing import Callable, Sequence
 
 from qvlm.config import ConfigError, dump_config, load_config
+from qvlm.data.records import DataSourceError
 from qvlm.sources import SourceError
 
 
@@ -139,7 +140,8 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
 def cmd_pretrain_vision(args: argparse.Namespace) -> int:
     from qvlm.vision_pretrain import run_pretrain_vision
 
-    metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds)
+    metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds,
+                                  target_acc=args.target_acc, progress=not args.json)
     if args.json:
         print_json(metrics)
     else:
@@ -197,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-vision", help="train the offline demo's small vision tower on synthetic scenes")
     p.add_argument("--out", default="runs/vision", help="HF-format folder for model.vision.source")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=150.0, help="training time budget")
+    p.add_argument("--max-seconds", type=float, default=150.0, help="time budget, rendering included")
+    p.add_argument("--target-acc", type=float, default=0.99,
+                   help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 
@@ -221,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
-    except (ConfigError, UsageError, SourceError) as exc:
+    except (ConfigError, UsageError, SourceError, DataSourceError) as exc:
         eprint(f"qvlm {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
