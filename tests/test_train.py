@@ -169,3 +169,20 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "r"),
                  "model.vision.source=./missing-dir"]) == 2
     assert "missing-dir" in capsys.readouterr().err
+
+
+def test_saved_model_bundles_local_base_models_and_can_move(tmp_path):
+    import shutil
+
+    from qvlm.models.vision import VisionEncoder
+
+    tower = VisionEncoder.from_source(tiny().model.vision.source, seed=5)
+    tower.tower.save_pretrained(tmp_path / "tower")
+    cfg = tiny(f"model.vision.source={tmp_path / 'tower'}")
+    model = VLM.from_config(cfg, with_llm=False)
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "tower")  # the original is gone: the model folder must carry it
+    shutil.move(tmp_path / "saved", tmp_path / "moved")
+    again = VLM.from_pretrained(tmp_path / "moved")
+    assert again.vision.fingerprint() == model.vision.fingerprint()
+    assert "base/vision" in (tmp_path / "moved" / "config.yaml").read_text()

@@ -18,6 +18,7 @@ from qvlm.config import Config, load_config, save_config
 from qvlm.models.llm import LanguageModel
 from qvlm.models.projector import Projector
 from qvlm.models.qformer import QFormer
+from qvlm.models.saved import bundle_sources, localize_sources
 from qvlm.models.stage1 import Stage1Heads
 from qvlm.models.vision import VisionEncoder
 
@@ -181,10 +182,11 @@ class VLM(nn.Module):
         return missing
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """One folder: config.yaml + a safetensors file per learnable block (no pickle)."""
+        """One folder: config.yaml + a safetensors file per learnable block (no pickle), and the
+        base models that live in local folders (``base/``), so the folder can move."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, path / "config.yaml")
+        save_config(bundle_sources(self.config, path), path / "config.yaml")
         state = self.trainable_state()
         for block in BLOCK_FILES:
             part = {k: v.contiguous().cpu() for k, v in state.items() if k.startswith(block + ".")}
@@ -198,7 +200,7 @@ class VLM(nn.Module):
         path = Path(path)
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"{path} is not a saved qvlm model (no config.yaml)")
-        cfg = load_config(path / "config.yaml")
+        cfg = localize_sources(load_config(path / "config.yaml"), path)
         has_llm = (path / "projector.safetensors").is_file()
         model = cls.from_config(cfg, with_llm=has_llm if with_llm is None else with_llm)
         state: dict[str, Tensor] = {}

@@ -1,0 +1,100 @@
+"""Stage-2 collation: records -> chat-formatted LLM inputs with image slots and assistant-only labels.
+
+``Stage2Collator`` handles skip / shard markers like the stage-1 collator (``split_items``: reported
+as ``batch["skipped"]``, ``batch["shards_done"]``, ``batch["notes"]``), gives pixels through the
+vision tower's ``ImageProcessor`` or, with a feature cache, ``image_embeds`` looked up by
+``image_id`` (records missing from the cache are skipped as ``not_in_cache``), and builds each
+sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
+pair of the record), ``num_queries`` image slots inside the user turn, the target, and labels only
+on the target + end-of-turn tokens. Rows are right-padded to the longest (pad id, -100, False).
+
+The prompt choice is a pure function of (seed, record key): the same record gets the same prompt in
+any batch, worker or resumed run, and global RNG state is never touched. Every sample passes
+``check_labels`` and every non-empty batch ``check_batch``, so a chat template that disagrees with
+the label mask fails at the first batch instead of training on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from qvlm.config import LLMConfig
+from qvlm.data.collate import split_items
+from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check_labels, pick_turn
+
+
+class Stage2Collator:
+    """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
+    "keys", "captions", "targets", "prompts", "attributes", "skipped", "shards_done", "notes"}."""
+
+    def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
+                 features=None, seed: int = 0, caption_prob: float = 0.5,
+                 feature_dtype: torch.dtype = torch.float32):
+        if processor is None and features is None:
+            raise ValueError("Stage2Collator needs an image processor or a feature cache")
+        if tokenizer is None:
+            raise ValueError("Stage2Collator needs the LLM tokenizer")
+        self.processor, self.tokenizer, self.num_queries = processor, tokenizer, num_queries
+        self.llm_cfg, self.max_len, self.features, self.seed = llm_cfg, max_len, features, seed
+        self.caption_prob, self.feature_dtype = caption_prob, feature_dtype
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else pad
+
+    def __call__(self, items: list[dict]) -> dict:
+        records, skipped, shards, notes = split_items(items)
+        if self.features is not None:
+            kept = [r for r in records if r["image_id"] in self.features]
+            if len(kept) < len(records):
+                skipped["not_in_cache"] = skipped.get("not_in_cache", 0) + len(records) - len(kept)
+            records = kept
+        turns = [self.turn(r) for r in records]
+        examples = [self.example(t) for t in turns]
+        batch = {"keys": [r["key"] for r in records], "captions": [r.get("caption") for r in records],
+                 "targets": [t.target for t in turns], "prompts": [t.user for t in turns],
+                 "attributes": [r.get("attributes") for r in records],
+                 "skipped": skipped, "shards_done": shards, "notes": notes}
+        batch.update(pad_examples(examples, self.pad_id))
+        if records:
+            check_batch(batch["labels"])
+        if self.features is not None:
+            batch["image_embeds"] = self.features.get([r["image_id"] for r in records], self.feature_dtype)
+        else:
+            batch["pixel_values"] = self.pixels(records)
+        return batch
+
+    def rng(self, key: str) -> random.Random:
+        """The record's own generator: a pure function of (seed, key) (string seeds hash with SHA-512)."""
+        return random.Random(f"qvlm-stage2:{self.seed}:{key}")
+
+    def turn(self, record: dict) -> Turn:
+        return pick_turn(record, self.llm_cfg, self.rng(record["key"]), self.caption_prob)
+
+    def example(self, turn: Turn) -> Example:
+        example = build_example(self.tokenizer, self.num_queries, turn.user, turn.target, turn.system,
+                                self.llm_cfg.image_placeholder, self.max_len)
+        check_labels(self.tokenizer, example)
+        return example
+
+    def pixels(self, records: list[dict]) -> torch.Tensor:
+        if not records:
+            size = self.processor.size
+            return torch.zeros((0, 3, size, size))
+        return self.processor([r["image"] for r in records])  # (B, 3, H, W)
+
+
+def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, masks with 0/False."""
+    b, t = len(examples), max((len(e.input_ids) for e in examples), default=0)
+    input_ids = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((b, t), IGNORE, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
+    image_mask = torch.zeros((b, t), dtype=torch.bool)  # (B, T), Q True per row
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[i, :n] = torch.tensor(e.labels, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        image_mask[i, :n] = torch.tensor(e.image_mask, dtype=torch.bool)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "image_mask": image_mask}
