@@ -28,6 +28,12 @@ UPPER = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
 DROP = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['role'] != 'assistant' %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+THINK = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+         "{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n"
+         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 NOT_PREFIX = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -109,6 +115,21 @@ def test_generation_prompt_ends_with_assistant_header(tok):
 def test_no_system_prompt_uses_the_templates_default(tok):
     ex = build_example(tok, Q, USER, TARGET, None)
     assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    check_labels(tok, ex)
+
+
+def test_template_without_system_role_gets_system_text_in_the_user_turn(tok):
+    ex = build_example(with_template(tok, NO_SYSTEM), Q, USER, TARGET, SYSTEM)
+    text = tok.decode(ex.input_ids)
+    assert text.startswith(f"<|im_start|>user\n{SYSTEM}\n\n<|im_end|>") and sum(ex.image_mask) == Q
+    check_labels(tok, ex)
+
+
+def test_template_scaffold_before_the_answer_is_input_not_label(tok):
+    ex = build_example(with_template(tok, THINK), Q, USER, TARGET, SYSTEM)
+    first = next(i for i, label in enumerate(ex.labels) if label != IGNORE)
+    assert tok.decode(ex.input_ids[:first]).endswith("assistant\n<think>\n\n</think>\n\n")
+    assert tok.decode(supervised(ex)) == TARGET + "<|im_end|>"
     check_labels(tok, ex)
 
 

@@ -26,7 +26,7 @@ into token ids (models never tokenise):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IGNORE = -100  # the label of every position that is not supervised (HF / torch cross-entropy)
 
@@ -53,7 +53,7 @@ class Turn:
     system: str | None
     user: str
     target: str
-    source: str = field(default="caption")  # "caption" or "qa"
+    source: str = "caption"  # "caption" or "qa"
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ from qvlm.data.decode import SkipCounter
 from qvlm.train import distributed as D
 
 
+STAGE2_PROMPT_BUDGET = 96  # tokens for the system and user turns around the image slots
+
+
 class EpochSampler(Sampler[int]):
     """A permutation of ``range(n)`` fixed by (seed, epoch), this rank's share, from ``start`` on."""
 
@@ -123,19 +126,29 @@ def decoder_start_id(tokenizer) -> int:
 
 
 def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
-    """The training stream for ``cfg.data.source`` (stage-1 collation with the Q-Former tokenizer)."""
-    from qvlm.data.collate import Stage1Collator
+    """The training stream for ``cfg.data.source``: stage 1 tokenises captions for the Q-Former,
+    stage 2 builds chat prompts with image slots for the LLM."""
     from qvlm.sources import load_tokenizer
 
     q = cfg.model.qformer
-    tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
+    qformer_tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
     features = open_feature_cache(cfg, model, split)
     dataset = open_data(cfg, cfg.data.source, split, decode_images=features is None,
                         rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed,
                         shuffle=cfg.data.shuffle_shards)
-    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len, features=features)
+    if cfg.train.stage == 1:
+        from qvlm.data.collate import Stage1Collator
+
+        collate = Stage1Collator(model.vision.processor, qformer_tokenizer, max_text_len=q.max_text_len,
+                                 features=features)
+    else:
+        from qvlm.data.collate_stage2 import Stage2Collator
+
+        collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q.num_queries, cfg.model.llm,
+                                 max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
+                                 features=features, seed=cfg.train.seed)
     return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
-                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(tokenizer))
+                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer))
 
 
 def open_feature_cache(cfg: Config, model, split: str):

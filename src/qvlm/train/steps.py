@@ -1,10 +1,15 @@
-"""The loss of one micro-batch for each stage, as named terms (``loss`` is what gets back-propagated)."""
+"""The loss of one micro-batch for each stage, as named terms (``loss`` is what gets back-propagated).
+
+Stage 1 uses the ITC/ITM/ITG weights of ``train.losses``; stage 2 uses its ``lm`` weight (1 when
+absent) and ignores the stage-1 terms.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from qvlm import losses as L
 from qvlm.config import Config
 from qvlm.models.stage1 import stage1_losses
 from qvlm.models.vlm import VLM
@@ -28,4 +33,14 @@ def step_losses(model: VLM, batch: dict, cfg: Config, generator: torch.Generator
             batch["attention_mask"], cfg.train.losses, dec_token_id,
             gather=D.gather_fn(), rank=D.rank(), generator=generator,
         )
-    raise NotImplementedError("stage-2 training is not available yet (tracked in the stage-2 issue)")
+    return stage2_losses(model, batch, cfg)
+
+
+def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
+    """Next-token loss on the assistant tokens only, with the image tokens in the user turn."""
+    if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
+        raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                image_mask=batch["image_mask"], image_embeds=image_embeds_of(model, batch))
+    lm = L.lm_loss(out.logits, batch["labels"])
+    return L.combine({"lm": lm.loss}, {"lm": cfg.train.losses.get("lm", 1.0)})
