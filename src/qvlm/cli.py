@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Callable, Sequence
 
 from qvlm.config import ConfigError, dump_config, load_config
@@ -76,15 +77,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qvlm.eval.retrieval import evaluate_retrieval
     from qvlm.models.vlm import VLM
 
-    if args.task not in ("retrieval", "classify"):
-        raise UsageError(f"eval {args.task!r} is not available yet; available: retrieval, classify")
     if args.task == "classify" and not args.classes:
         raise UsageError("eval classify needs --classes NAME,NAME,...")
-    model = VLM.from_pretrained(args.model, with_llm=False).eval()
+    needs_llm = args.task in ("caption", "retention")
+    if needs_llm and not (Path(args.model) / "projector.safetensors").is_file():
+        raise UsageError(f"eval {args.task} needs a stage-2 model; {args.model} has no projector (stage 1?)")
+    model = VLM.from_pretrained(args.model, with_llm=needs_llm or None).eval()
     cfg = model.config
     if args.max_samples is not None:
         cfg.eval.max_samples = args.max_samples
-    if args.task == "classify":
+    if args.task == "caption":
+        from qvlm.eval.stage2 import evaluate_captions
+
+        metrics, _ = evaluate_captions(model, cfg, source=args.data, split=args.split, progress=not args.json)
+    elif args.task == "retention":
+        from qvlm.eval.retention import retention_report
+
+        metrics = retention_report(model.llm)
+    elif args.task == "classify":
         from qvlm.eval.classify import classify_metrics
 
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
@@ -149,6 +159,54 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from qvlm.data.decode import decode_image
+    from qvlm.models.generate import GenerationConfig
+    from qvlm.models.vlm import VLM
+
+    images = [decode_image(path) for path in args.images]
+    model = VLM.from_pretrained(args.model, with_llm=True).eval()
+    texts = model.caption(images, prompt=args.prompt, gen=GenerationConfig(max_new_tokens=args.max_tokens))
+    if args.json:
+        print_json({"captions": [{"image": p, "caption": t} for p, t in zip(args.images, texts)]})
+    else:
+        for path, text in zip(args.images, texts):
+            print(f"{path}\t{text}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qvlm.data.decode import decode_image
+    from qvlm.models.generate import GenerationConfig
+    from qvlm.models.vlm import VLM
+
+    image = decode_image(args.image)
+    model = VLM.from_pretrained(args.model, with_llm=True).eval()
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0)
+    if args.prompt:
+        print(model.chat(image, args.prompt, gen=gen), flush=True)
+        return 0
+    while question := read_question():  # interactive: an empty line or EOF ends it
+        print(model.chat(image, question, gen=gen), flush=True)
+    return 0
+
+
+def read_question() -> str | None:
+    try:
+        return input("> ").strip() or None
+    except EOFError:
+        return None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qvlm.export import export_model
+
+    report = export_model(args.model, args.out, merge_lora=args.merge_lora)
+    print_json(report) if args.json else print(f"exported to {report['out']}")
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -204,6 +262,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
+
+    p = sub.add_parser("caption", help="caption images with a stage-2 model")
+    p.add_argument("--model", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--prompt", default=None, help="user prompt (default: the model's first user prompt)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("chat", help="ask about an image (one --prompt, or interactive)")
+    p.add_argument("--model", required=True)
+    p.add_argument("image")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="copy a saved model; --merge-lora folds the adapters into the LLM")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge-lora", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="make or inspect data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -33,16 +33,18 @@ class Fact(NamedTuple):
     keywords: tuple[str, ...]  # right if any appears as a word in the answer
 
 
-FACTS: tuple[Fact, ...] = (
+FACTS: tuple[Fact, ...] = (  # each answered right by the packaged base SmolLM2-135M-Instruct
     Fact("What is the capital of France?", ("Paris",)),
     Fact("What is the capital of Japan?", ("Tokyo",)),
-    Fact("What is the largest planet in our solar system?", ("Jupiter",)),
     Fact("What is the chemical formula of water?", ("H2O",)),
     Fact("Who wrote Romeo and Juliet?", ("Shakespeare",)),
     Fact("How many days are there in a week?", ("seven", "7")),
     Fact("What colour is the sky on a clear day?", ("blue",)),
-    Fact("At what temperature in degrees Celsius does water freeze?", ("0", "zero")),
+    Fact("Which planet is known as the Red Planet?", ("Mars",)),
+    Fact("What is the largest ocean on Earth?", ("Pacific",)),
 )
+# Asked and dropped, the base model gets them wrong: the largest planet ("Neptune, but it's actually
+# Uranus"), water's freezing point in Celsius ("-18.0°C"), the capital of Italy, a spider's legs.
 
 
 def default_text() -> str:
@@ -62,19 +64,19 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def perplexity(lm: LanguageModel, tokenizer: Any, text: str, max_len: int = 512, stride: int = 256) -> float:
+def perplexity(lm: LanguageModel, tokenizer: Any, text: str, max_len: int = 512, stride: int | None = None) -> float:
     """Token-level perplexity of plain ``text``: exp(mean NLL of every token after the first).
 
-    Windows of ``max_len`` tokens move by ``stride``; each token is scored once, in the first
-    window that reaches it, with up to ``max_len - stride`` earlier tokens as context. Runs through
+    Windows of ``max_len`` tokens (at most the model's ``max_position_embeddings``) move by
+    ``stride`` (default: half a window); each token is scored once, in the first window that
+    reaches it, with up to ``max_len - stride`` earlier tokens as context. Runs through
     ``lm(inputs_embeds=lm.embed(ids), ...)``, so whatever adapters are active count.
     """
-    if not 0 < stride <= max_len:
-        raise ValueError(f"need 0 < stride <= max_len, got stride={stride}, max_len={max_len}")
+    if max_len < 2 or (stride is not None and not 0 < stride <= max_len):
+        raise ValueError(f"need max_len >= 2 and 0 < stride <= max_len, got max_len={max_len}, stride={stride}")
     limit = getattr(lm.base_model().config, "max_position_embeddings", None)
-    if limit:
-        max_len = min(max_len, int(limit))
-        stride = min(stride, max_len)
+    max_len = min(max_len, int(limit)) if limit else max_len
+    stride = max_len // 2 if stride is None else min(stride, max_len)
     device = lm.model.get_input_embeddings().weight.device
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)  # (1, T)
     n = ids.shape[1]
@@ -113,8 +115,10 @@ def answer(lm: LanguageModel, question: str, max_new_tokens: int = 32) -> str:
 
 
 def is_correct(text: str, keywords: tuple[str, ...]) -> bool:
-    """Any keyword as a whole word, case-insensitive ("0" matches "0°C" but not "100")."""
-    return any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", text, re.IGNORECASE) for k in keywords)
+    """Any keyword as a whole word or number, case-insensitive: "7" matches "7 days." but not
+    "17" or "7.5"; "Paris" matches "Paris." but not "Parisian"."""
+    patterns = (rf"(?<!\w)(?<!\d\.){re.escape(k)}(?!\w|\.\d)" for k in keywords)
+    return any(re.search(p, text, re.IGNORECASE) for p in patterns)
 
 
 def retention_report(lm: LanguageModel, text: str | None = None, facts=FACTS, max_new_tokens: int = 32) -> dict:

@@ -247,7 +247,7 @@ def _beam_search(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[
     dec.select(torch.arange(b).repeat_interleave(k))  # every beam starts from its row's prompt
     seen = seen.repeat_interleave(k, dim=0) if seen is not None else None  # (B*K, V)
     scores = torch.full((b, k), float("-inf"))
-    scores[:, 0] = 0.0  # identical beams at the start: let only the first one expand
+    scores[:, :] = 0.0  # identical beams at the start: let only the first one expand
     beams: list[list[int]] = [[] for _ in range(b * k)]
     hyps: list[list[Hyp]] = [[] for _ in range(b)]
     done = [False] * b

@@ -113,6 +113,20 @@ class VLM(nn.Module):
         out[image_mask] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major matches mask order
         return out
 
+    # ---- use (tokenisation and decoding live in qvlm.inference) ---------------------------
+
+    def caption(self, images, prompt: str | None = None, gen=None) -> list[str]:
+        """Captions for a list of RGB PIL images (KV-cached generation; see qvlm.inference)."""
+        from qvlm.inference import caption
+
+        return caption(self, images, prompt=prompt, gen=gen)
+
+    def chat(self, image, messages, gen=None) -> str:
+        """An answer about one image to a question or a list of chat messages."""
+        from qvlm.inference import chat
+
+        return chat(self, image, messages, gen=gen)
+
     # ---- parameters ----------------------------------------------------------------------
 
     def block_parameters(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

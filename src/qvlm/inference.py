@@ -1,0 +1,82 @@
+"""Captioning and chat with a trained VLM: prompts from the LLM's chat template with image slots,
+frozen image features, then KV-cached generation. ``VLM.caption`` / ``VLM.chat`` call into here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from qvlm.models.generate import GenerationConfig, GenerationOutput, generate_from_images, pad_left
+from qvlm.prompt import build_example
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The tokenizer's eos plus the end-of-turn tokens common chat templates use, when present."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return sorted(ids)
+
+
+def default_prompts(vlm) -> tuple[str | None, str]:
+    llm_cfg = vlm.config.model.llm
+    return (llm_cfg.system_prompts[0] if llm_cfg.system_prompts else None), llm_cfg.user_prompts[0]
+
+
+def prompt_batch(vlm, users: list[str], system: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-padded generation prompts (B, T) with each row's Q image slots marked in image_mask."""
+    tok = vlm.llm.tokenizer
+    q = vlm.qformer.num_queries
+    placeholder = vlm.config.model.llm.image_placeholder
+    examples = [build_example(tok, q, user, None, system, placeholder) for user in users]
+    return pad_left([e.input_ids for e in examples], [e.image_mask for e in examples], tok.pad_token_id)
+
+
+@torch.no_grad()
+def describe_embeds(vlm, image_embeds: Tensor, prompts: list[str] | None = None, system: str | None = None,
+                    gen: GenerationConfig | None = None) -> GenerationOutput:
+    """Frozen features (B, N, Dv) -> one answer per image (to ``prompts``, default: the first user prompt)."""
+    sys_default, user_default = default_prompts(vlm)
+    users = prompts or [user_default] * image_embeds.shape[0]
+    if len(users) != image_embeds.shape[0]:
+        raise ValueError(f"{len(users)} prompts for {image_embeds.shape[0]} images")
+    ids, mask, image_mask = prompt_batch(vlm, users, system if system is not None else sys_default)
+    device = image_embeds.device
+    return generate_from_images(vlm, image_embeds, ids.to(device), mask.to(device), image_mask.to(device),
+                                gen or GenerationConfig(), eos_token_ids=end_of_turn_ids(vlm.llm.tokenizer))
+
+
+@torch.no_grad()
+def caption(vlm, images: list[Image.Image], prompt: str | None = None, gen: GenerationConfig | None = None,
+            batch_size: int = 16) -> list[str]:
+    """Captions for RGB images, generated in batches."""
+    texts: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        device = next(vlm.qformer.parameters()).device
+        feats = vlm.image_features(vlm.vision.processor(chunk).to(device))  # (B, N, Dv)
+        out = describe_embeds(vlm, feats, [prompt] * len(chunk) if prompt else None, gen=gen)
+        texts.extend(t.strip() for t in out.texts)
+    return texts
+
+
+@torch.no_grad()
+def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationConfig | None = None) -> str:
+    """Answer about one image. ``messages``: a question, or a list of {"role", "content"} whose
+    system turn (if any) and last user turn are used (earlier turns are not replayed)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ValueError("chat needs at least one user message")
+    systems = [m["content"] for m in messages if m.get("role") == "system"]
+    device = next(vlm.qformer.parameters()).device
+    feats = vlm.image_features(vlm.vision.processor([image]).to(device))
+    out = describe_embeds(vlm, feats, [users[-1]], system=systems[0] if systems else None, gen=gen)
+    return out.texts[0].strip()
