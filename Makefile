@@ -23,7 +23,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/qvlm smoke configs/demo.yaml
+	$(VENV)/bin/qvlm demo --out demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -92,6 +92,17 @@ def test_cached_and_uncached_generation_agree(vlm, batch, num_beams):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_and_uncached_agree_when_rows_stop_early(vlm, batch, num_beams):
+    free = run(vlm, batch, max_new_tokens=10, num_beams=num_beams)
+    eos, stop = free.token_ids[0][3], free.texts[1][4:6]
+    cached = run(vlm, batch, eos=[eos], max_new_tokens=10, num_beams=num_beams, stop=[stop])
+    uncached = run(vlm, batch, eos=[eos], max_new_tokens=10, num_beams=num_beams, stop=[stop], use_cache=False)
+    assert cached == uncached
+    assert all(eos not in ids for ids in cached.token_ids) and all(stop not in t for t in cached.texts)
+    assert "stop" in cached.finish_reasons
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
 def test_left_padded_batch_equals_each_row_alone(vlm, batch, num_beams):
     together = run(vlm, batch, max_new_tokens=10, num_beams=num_beams)
     for i in range(2):

@@ -207,6 +207,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qvlm.demo import run_demo
+
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    if args.json:
+        print_json(metrics)
+    else:
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -222,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML")
     add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="the offline end-to-end demo: OUT/report.html, metrics.json, model/")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="tiny random models, seconds (a smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("smoke", help="build every block from a config and run one forward + one LLM answer")
     add_config_args(p)

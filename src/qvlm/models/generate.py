@@ -38,20 +38,18 @@ class GenerationConfig:
     seed: int | None = None  # sampling RNG; None = torch's global RNG
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise ValueError("choose sampling (do_sample=True) or beam search (num_beams > 1), not both")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
+            (not (self.do_sample and self.num_beams > 1), "sampling and beam search do not mix"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty: {self.stop!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 @dataclass
@@ -68,20 +66,16 @@ def pad_left(input_ids_list: Sequence[Sequence[int] | Tensor], image_mask_list: 
              pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Left-pad prompts to one batch: -> input_ids (B, T), attention_mask (B, T), image_mask (B, T) bool."""
     rows = [torch.as_tensor(ids, dtype=torch.long).flatten() for ids in input_ids_list]
-    if not rows:
-        raise ValueError("pad_left needs at least one prompt")
     masks = ([torch.zeros(len(r), dtype=torch.bool) for r in rows] if image_mask_list is None
              else [torch.as_tensor(m, dtype=torch.bool).flatten() for m in image_mask_list])
-    if len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows)):
-        raise ValueError("each prompt needs an image mask of its own length")
+    if not rows or len(masks) != len(rows) or any(len(m) != len(r) for m, r in zip(masks, rows)):
+        raise ValueError("pad_left needs one or more prompts, each with an image mask of its own length")
     t = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), t), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(len(rows), t, dtype=torch.long)  # (B, T)
     image_mask = torch.zeros(len(rows), t, dtype=torch.bool)  # (B, T)
     for i, (r, m) in enumerate(zip(rows, masks)):
-        input_ids[i, t - len(r):] = r
-        attention_mask[i, t - len(r):] = 1
-        image_mask[i, t - len(r):] = m
+        input_ids[i, t - len(r):], attention_mask[i, t - len(r):], image_mask[i, t - len(r):] = r, 1, m
     return input_ids, attention_mask, image_mask
 
 
@@ -131,7 +125,7 @@ class _Decoder:
 
     def _run(self, embeds: Tensor) -> Tensor:
         """Forward the newest ``embeds`` (R, t, D); returns the last position's logits (R, V)."""
-        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # (R, t), 0 at 1st real token
+        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # (R, t); 1st real token: 0
         out = self.lm.model(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
                             cache=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
         return out.logits[:, -1].float()  # (R, V)
@@ -172,12 +166,6 @@ def _cut_at_stop(tokenizer: Any, ids: list[int], stop: list[str]) -> tuple[str, 
 
 # ---- the loops -----------------------------------------------------------------------------
 
-def _pick(logits: Tensor, gen: GenerationConfig, rng: torch.Generator | None) -> Tensor:
-    if not gen.do_sample:
-        return logits.argmax(dim=-1)  # (R,)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(1)  # (R,)
-
-
 def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[int], pad: int,
                       seen: Tensor | None) -> tuple[list[str], list[list[int]], list[str]]:
     rng = torch.Generator(device=dec.mask.device).manual_seed(gen.seed) if gen.seed is not None else None
@@ -187,7 +175,9 @@ def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos:
     reasons: list[str | None] = [None] * b
     logits = dec.prefill()  # (B, V)
     for step in range(gen.max_new_tokens):
-        nxt = _pick(process_logits(logits, seen, gen), gen, rng)  # (B,)
+        logits = process_logits(logits, seen, gen)  # (B, V)
+        nxt = (torch.multinomial(logits.softmax(dim=-1), 1, generator=rng).squeeze(1) if gen.do_sample
+               else logits.argmax(dim=-1))  # (B,)
         for i, tok in enumerate(nxt.tolist()):
             if reasons[i] is not None:
                 nxt[i] = pad  # finished rows keep producing pad, never recorded
@@ -200,7 +190,7 @@ def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos:
                     if hit:
                         cut_texts[i], reasons[i] = text, "stop"
         if seen is not None:
-            seen[torch.arange(b), nxt] = True
+            seen[torch.arange(b, device=nxt.device), nxt] = True
         if all(r is not None for r in reasons) or step == gen.max_new_tokens - 1:
             break
         logits = dec.step(nxt)
@@ -209,16 +199,17 @@ def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos:
     return texts, ids, [r or "length" for r in reasons]
 
 
-Hyp = tuple[float, str, list[int], str]  # (normalised score, text, new token ids, finish reason)
+Hyp = tuple[float, str, list[int], str]  # a finished hypothesis: (normalised score, text, new ids, reason)
+Live = tuple[int, int, float]  # a live beam: (source beam, new token, summed log-prob)
 
 
 def _expand_row(i: int, k: int, vocab: int, vals: list[float], idx: list[int], beams: list[list[int]],
-                hyps: list[Hyp], n: int, tokenizer: Any, eos: set[int], stop: list[str]) -> list[tuple[int, int, float]]:
+                hyps: list[Hyp], n: int, tokenizer: Any, eos: set[int], stop: list[str]) -> list[Live]:
     """One row's 2K best candidates -> up to K live (source beam, token, score); finished ones go to ``hyps``.
 
     As in HF, a candidate that ends (eos / stop string) becomes a hypothesis only if it ranks among
     the top K; its score is normalised by ``n``, the number of new tokens including the eos/stop one."""
-    alive: list[tuple[int, int, float]] = []
+    alive: list[Live] = []
     for rank, (v, j) in enumerate(zip(vals, idx)):
         if len(alive) == k or v == float("-inf"):
             break
@@ -242,12 +233,12 @@ def _beam_search(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[
 
     A row is done when it holds K finished hypotheses and its best live beam, normalised by the
     current length, cannot beat the worst of them (HF's ``early_stopping=False`` heuristic)."""
-    b, k = dec.mask.shape[0], gen.num_beams
+    (b, k), device = (dec.mask.shape[0], gen.num_beams), dec.mask.device
     logits = dec.prefill().repeat_interleave(k, dim=0)  # (B*K, V)
-    dec.select(torch.arange(b).repeat_interleave(k))  # every beam starts from its row's prompt
+    dec.select(torch.arange(b, device=device).repeat_interleave(k))  # every beam starts from its row's prompt
     seen = seen.repeat_interleave(k, dim=0) if seen is not None else None  # (B*K, V)
-    scores = torch.full((b, k), float("-inf"))
-    scores[:, :] = 0.0  # identical beams at the start: let only the first one expand
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # identical beams at the start: let only the first one expand
     beams: list[list[int]] = [[] for _ in range(b * k)]
     hyps: list[list[Hyp]] = [[] for _ in range(b)]
     done = [False] * b
@@ -256,10 +247,11 @@ def _beam_search(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[
         logp = process_logits(logits, seen, gen).log_softmax(dim=-1)  # (B*K, V)
         cand = (scores.view(-1, 1) + logp).view(b, -1)  # (B, K*V)
         top_vals, top_idx = cand.topk(2 * k, dim=-1)  # (B, 2K)
-        picked: list[tuple[int, int, float]] = []
+        picked: list[Live] = []
         for i in range(b):
-            alive = [] if done[i] else _expand_row(i, k, logp.shape[-1], top_vals[i].tolist(), top_idx[i].tolist(),
-                                                   beams, hyps[i], step + 1, tokenizer, eos, gen.stop)
+            alive = [] if done[i] else _expand_row(i, k, logp.shape[-1], top_vals[i].tolist(),
+                                                   top_idx[i].tolist(), beams, hyps[i], step + 1, tokenizer,
+                                                   eos, gen.stop)
             if last:  # out of tokens: the live beams end here
                 hyps[i] += [(v / (step + 1), tokenizer.decode(beams[s] + [t], skip_special_tokens=True),
                              beams[s] + [t], "length") for s, t, v in alive]
@@ -267,15 +259,15 @@ def _beam_search(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[
             best_alive = max((v for *_, v in alive), default=float("-inf")) / (step + 1)
             done[i] = done[i] or (len(hyps[i]) >= k and best_alive <= hyps[i][-1][0])
             picked += alive + [(i * k, pad, float("-inf"))] * (k - len(alive))  # dead filler beams
-        rows = torch.tensor([p[0] for p in picked])  # (B*K,) source beam of each new beam
-        nxt = torch.tensor([p[1] for p in picked])  # (B*K,)
-        scores = torch.tensor([p[2] for p in picked]).view(b, k)
+        rows = torch.tensor([p[0] for p in picked], device=device)  # (B*K,) source beam of each new beam
+        nxt = torch.tensor([p[1] for p in picked], device=device)  # (B*K,)
+        scores = torch.tensor([p[2] for p in picked], device=device).view(b, k)
         beams = [beams[s] + [t] for s, t, _ in picked]
         if all(done) or last:
             break
         if seen is not None:
             seen = seen[rows]
-            seen[torch.arange(b * k), nxt] = True
+            seen[torch.arange(b * k, device=device), nxt] = True
         dec.select(rows)  # reorder the KV cache (or the recomputed sequence) by source beam
         logits = dec.step(nxt)
     best = [h[0] for h in hyps]
@@ -326,7 +318,7 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
         loop = _beam_search if gen.num_beams > 1 else _greedy_or_sample
         texts, ids, reasons = loop(dec, gen, tokenizer, eos, pad, seen)
     return GenerationOutput(texts=texts, token_ids=ids, finish_reasons=reasons,
-                            num_prompt_tokens=attention_mask.sum(dim=1).tolist())
+                            num_prompt_tokens=attention_mask.long().sum(dim=1).tolist())
 
 
 @torch.no_grad()
