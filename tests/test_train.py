@@ -59,6 +59,15 @@ def test_resume_is_exact(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_resume_is_exact_with_length_grouped_batches(tmp_path):
+    cfg = tiny("train.max_steps=4", "train.save_every=2", "data.group_by_length=true")
+    train(cfg, tmp_path / "straight", progress=False)
+    train(cfg, tmp_path / "resumed", progress=False, stop_at_step=2)
+    train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_saved_model_round_trip(tmp_path):
     cfg = tiny("train.max_steps=2")
     train(cfg, tmp_path / "run", progress=False)

@@ -5,7 +5,7 @@ the price could be the LLM's text skills. Two checks compare the adapted LLM wit
 (the same weights with the adapters switched off, ``LanguageModel.adapters_disabled``):
 
 - ``perplexity`` on a held-out English text shipped with the package (``retention_text.txt``,
-  written for this project, never trained on): plain text, no chat template, sliding windows as in
+  about 1,400 words on rivers, weather and bread, written for this project): plain text, no chat template, sliding windows as in
   the Hugging Face perplexity guide, every token scored once;
 - ``FACTS``: text-only questions asked through the LLM's chat template, greedy decoding; an answer
   is right when it contains one of the fact's keywords as a word (case-insensitive). Only
@@ -20,7 +20,7 @@ import contextlib
 import math
 import re
 from importlib import resources
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -121,10 +121,12 @@ def is_correct(text: str, keywords: tuple[str, ...]) -> bool:
     return any(re.search(p, text, re.IGNORECASE) for p in patterns)
 
 
-def retention_report(lm: LanguageModel, text: str | None = None, facts=FACTS, max_new_tokens: int = 32) -> dict:
+def retention_report(lm: LanguageModel, text: str | None = None,
+                     facts: Sequence[tuple[str, str | Sequence[str]]] = FACTS, max_new_tokens: int = 32) -> dict:
     """Perplexity and fact answers of the base LLM (adapters off) and the adapted one (adapters on).
 
-    ``facts_kept`` counts facts the adapted LLM answers right, ``facts_base`` those the base does.
+    ``facts`` are (question, keyword or keywords) pairs. ``facts_kept`` counts facts the adapted
+    LLM answers right, ``facts_base`` those the base does; ``answers`` has both answers per fact.
     """
     text = default_text() if text is None else text
     facts = [Fact(q, (k,) if isinstance(k, str) else tuple(k)) for q, k in facts]

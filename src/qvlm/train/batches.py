@@ -48,14 +48,22 @@ class BatchStream:
     """An endless iterator of collated batches with ``state_dict``/``load_state_dict``."""
 
     def __init__(self, dataset, collate: Callable, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_workers: int = 0, dec_token_id: int | None = None):
+                 num_workers: int = 0, dec_token_id: int | None = None, group_by_length: bool = False):
         self.dataset, self.collate, self.batch_size = dataset, collate, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.dec_token_id = dec_token_id
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler = None if self.streaming else EpochSampler(
             len(dataset), seed, shuffle, rank=D.rank(), world_size=D.world_size())
-        self.epoch, self.consumed = 0, 0
+        self.epoch, self.consumed, self.batches_done = 0, 0, 0
+        self.grouped = None
+        if group_by_length and not self.streaming:
+            if not hasattr(dataset, "caption_lengths"):
+                raise ValueError("data.group_by_length needs a map-style source that knows its caption lengths")
+            from qvlm.data.collate import LengthGroupedSampler
+
+            self.grouped = LengthGroupedSampler(dataset.caption_lengths(), batch_size, seed=seed,
+                                                rank=D.rank(), world_size=D.world_size())
         self.counter = SkipCounter()
         self._it: Iterator | None = None
         if not self.streaming and len(self.sampler.order()) == 0:
@@ -70,6 +78,10 @@ class BatchStream:
                 self.dataset.set_epoch(self.epoch)
             return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
                               num_workers=self.num_workers, generator=gen)
+        if self.grouped is not None:  # length-grouped batches, resumed by whole batches
+            self.grouped.set_epoch(self.epoch)
+            return DataLoader(self.dataset, batch_sampler=self.grouped.batches()[self.batches_done:],
+                              collate_fn=self.collate, num_workers=self.num_workers, generator=gen)
         self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                           collate_fn=self.collate, num_workers=self.num_workers, generator=gen,
@@ -84,7 +96,7 @@ class BatchStream:
                 batch = next(self._it)
             except StopIteration:
                 self._it = None
-                self.epoch, self.consumed = self.epoch + 1, 0
+                self.epoch, self.consumed, self.batches_done = self.epoch + 1, 0, 0
                 continue
             self.account(batch)
             if batch.get("input_ids") is not None and len(batch["input_ids"]) > 0:
@@ -94,17 +106,20 @@ class BatchStream:
     def account(self, batch: dict) -> None:
         self.counter.update(batch)
         self.consumed += len(batch.get("keys", ())) + sum(batch.get("skipped", {}).values())
+        self.batches_done += 1
         if self.streaming and hasattr(self.dataset, "mark_done"):
             self.dataset.mark_done(batch.get("shards_done", ()))
 
     def state_dict(self) -> dict:
-        state = {"epoch": self.epoch, "consumed": self.consumed, "counts": self.counter.to_dict()}
+        state = {"epoch": self.epoch, "consumed": self.consumed, "batches_done": self.batches_done,
+                 "counts": self.counter.to_dict()}
         if self.streaming and hasattr(self.dataset, "state_dict"):
             state["dataset"] = self.dataset.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.batches_done = int(state.get("batches_done", 0))
         self.counter = SkipCounter(**state.get("counts", {}))
         if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
@@ -148,7 +163,8 @@ def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
                                  max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
                                  features=features, seed=cfg.train.seed)
     return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
-                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer))
+                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
+                       group_by_length=cfg.data.group_by_length)
 
 
 def open_feature_cache(cfg: Config, model, split: str):
