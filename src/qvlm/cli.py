@@ -32,6 +32,15 @@ def print_json(obj: object) -> None:
     print(json.dumps(obj, indent=None, sort_keys=False, default=float))
 
 
+def emit(report: dict, as_json: bool) -> None:
+    """One JSON object on stdout with --json, else one ``key: value`` line per entry."""
+    if as_json:
+        print_json(report)
+    else:
+        for key, value in report.items():
+            print(f"{key}: {value}")
+
+
 # ---- commands ---------------------------------------------------------------------------------
 
 
@@ -43,16 +52,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     """End-to-end smoke: build every block from the config, run one image through the VLM,
-    and let the LLM answer a text question. A stand-in for ``qvlm demo`` until it lands."""
+    and let the LLM answer a text question (a quick check that every source resolves)."""
     from qvlm.smoke import run_smoke
 
     cfg = load_config(args.config, args.overrides)
     report = run_smoke(cfg, prompt=args.prompt)
-    if args.json:
-        print_json(report)
-    else:
-        for key, value in report.items():
-            print(f"{key}: {value}")
+    emit(report, args.json)
     return 0
 
 
@@ -101,11 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         metrics = classify_metrics(model, cfg, classes, args.template, source=args.data, split=args.split)
     else:
         metrics = evaluate_retrieval(model, cfg, source=args.data, split=args.split)
-    if args.json:
-        print_json(metrics)
-    else:
-        for key, value in metrics.items():
-            print(f"{key}: {value}")
+    emit(metrics, args.json)
     return 0
 
 

@@ -68,6 +68,18 @@ def split_items(items: list[dict]) -> tuple[list[dict], dict[str, int], list[str
     return records, skipped, shards, notes
 
 
+def usable_items(items: list[dict], features=None) -> tuple[list[dict], dict[str, int], list[str], dict[str, int]]:
+    """``split_items``, then (with a feature cache) records whose image is not cached are skipped
+    as ``not_in_cache``."""
+    records, skipped, shards, notes = split_items(items)
+    if features is not None:
+        kept = [r for r in records if r["image_id"] in features]
+        if len(kept) < len(records):
+            skipped["not_in_cache"] = skipped.get("not_in_cache", 0) + len(records) - len(kept)
+        records = kept
+    return records, skipped, shards, notes
+
+
 class Stage1Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "captions", "keys", ...}."""
 
@@ -83,12 +95,7 @@ class Stage1Collator:
         self.augment, self.features, self.feature_dtype = augment, features, feature_dtype
 
     def __call__(self, items: list[dict]) -> dict:
-        records, skipped, shards, notes = split_items(items)
-        if self.features is not None:
-            kept = [r for r in records if r["image_id"] in self.features]
-            if len(kept) < len(records):
-                skipped["not_in_cache"] = skipped.get("not_in_cache", 0) + len(records) - len(kept)
-            records = kept
+        records, skipped, shards, notes = usable_items(items, self.features)
         batch = {"keys": [r["key"] for r in records], "captions": [r["caption"] for r in records],
                  "attributes": [r.get("attributes") for r in records],
                  "skipped": skipped, "shards_done": shards, "notes": notes}

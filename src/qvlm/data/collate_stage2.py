@@ -21,7 +21,7 @@ import random
 import torch
 
 from qvlm.config import LLMConfig
-from qvlm.data.collate import split_items
+from qvlm.data.collate import usable_items
 from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check_labels, pick_turn
 
 
@@ -43,12 +43,7 @@ class Stage2Collator:
         self.pad_id = 0 if pad is None else pad
 
     def __call__(self, items: list[dict]) -> dict:
-        records, skipped, shards, notes = split_items(items)
-        if self.features is not None:
-            kept = [r for r in records if r["image_id"] in self.features]
-            if len(kept) < len(records):
-                skipped["not_in_cache"] = skipped.get("not_in_cache", 0) + len(records) - len(kept)
-            records = kept
+        records, skipped, shards, notes = usable_items(items, self.features)
         turns = [self.turn(r) for r in records]
         examples = [self.example(t) for t in turns]
         batch = {"keys": [r["key"] for r in records], "captions": [r.get("caption") for r in records],

@@ -5,8 +5,8 @@ the price could be the LLM's text skills. Two checks compare the adapted LLM wit
 (the same weights with the adapters switched off, ``LanguageModel.adapters_disabled``):
 
 - ``perplexity`` on a held-out English text shipped with the package (``retention_text.txt``,
-  about 1,400 words on rivers, weather and bread, written for this project): plain text, no chat template, sliding windows as in
-  the Hugging Face perplexity guide, every token scored once;
+  about 1,400 words on rivers, weather and bread, written for this project): plain text, no chat
+  template, sliding windows as in the Hugging Face perplexity guide, every token scored once;
 - ``FACTS``: text-only questions asked through the LLM's chat template, greedy decoding; an answer
   is right when it contains one of the fact's keywords as a word (case-insensitive). Only
   questions the packaged base SmolLM2-135M-Instruct answers right are kept
