@@ -211,7 +211,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from qvlm.demo import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, resume=args.resume)
     if args.json:
         print_json(metrics)
     else:
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the offline end-to-end demo: OUT/report.html, metrics.json, model/")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="tiny random models, seconds (a smoke test)")
+    p.add_argument("--resume", action="store_true", help="reuse finished steps in --out, continue an interrupted one")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_demo)

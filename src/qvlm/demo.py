@@ -67,7 +67,9 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dict:
+def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume: bool = False) -> dict:
+    """Run the pipeline into ``out``; with ``resume`` finished steps are reused (the vision tower,
+    a stage whose model folder exists) and an interrupted stage continues from its checkpoint."""
     from qvlm.config import load_config
     from qvlm.eval.retrieval import evaluate_retrieval
     from qvlm.train.loop import train
@@ -78,16 +80,22 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dic
     out.mkdir(parents=True, exist_ok=True)
     plan = quick_plan() if quick else full_plan()
     log("1/5 pretraining the demo vision tower on synthetic scenes")
-    vision = run_pretrain_vision(out / "vision", progress=progress, **plan.vision)
+    if resume and (out / "vision" / "metrics.json").is_file():
+        vision = json.loads((out / "vision" / "metrics.json").read_text())
+    else:
+        vision = run_pretrain_vision(out / "vision", progress=progress, **plan.vision)
     common = [f"model.vision.source={out / 'vision'}", f"data.cache_dir={out / 'cache'}", *plan.shared]
     log("2/5 stage 1: Q-Former with ITC + ITM + ITG")
     cfg1 = load_config(config_file(plan.config), [*common, "train.stage=1", f"eval.max_samples={plan.n_eval}",
                                                   *plan.stage1])
-    stage1 = train(cfg1, out / "stage1", eval_fn=evaluate_retrieval, progress=progress)["eval"]
+    stage1 = finished_eval(out / "stage1") if resume else None
+    if stage1 is None:
+        stage1 = train(cfg1, out / "stage1", resume=resume, eval_fn=evaluate_retrieval, progress=progress)["eval"]
     log("3/5 stage 2: projector + LoRA on the LLM")
     cfg2 = load_config(config_file(plan.config), [*common, "train.stage=2", f"eval.max_samples={plan.n_eval}",
                                                   f"train.init_from={out / 'stage1' / 'model'}", *plan.stage2])
-    train(cfg2, out / "stage2", progress=progress)
+    if not (resume and (out / "stage2" / "model" / "config.yaml").is_file()):
+        train(cfg2, out / "stage2", resume=resume, progress=progress)
     log("4/5 evaluating captions, held-out composition and retention")
     results = evaluate(out, cfg2, plan.n_eval, progress)
     metrics = summary(vision, stage1, results, time.perf_counter() - start)
@@ -95,6 +103,14 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True) -> dic
     write_report(out, metrics, results)
     log(f"done in {metrics['wall_s']:.0f} s: report at {out / 'report.html'}")
     return metrics
+
+
+def finished_eval(run: Path) -> dict | None:
+    """The last evaluation of a finished run (its model folder exists), else None."""
+    if not (run / "model" / "config.yaml").is_file():
+        return None
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    return rows[-1]["eval"] if rows else None
 
 
 def evaluate(out: Path, cfg, n_eval: int, progress: bool) -> dict:
