@@ -103,3 +103,21 @@ def test_eval_caption_cli(stage2_model, capsys):
     for key in ("bleu4", "rouge_l", "cider", "color_shape_acc", "count_acc", "exact_match"):
         assert key in metrics
     assert metrics["n"] == 4
+
+
+def test_stage2_loss_equals_full_logits_loss(stage2_model):
+    from qvlm import losses as L
+    from qvlm.config import load_config
+    from qvlm.train.steps import stage2_losses
+
+    model = VLM.from_pretrained(stage2_model / "model").eval()
+    ids, mask, image_mask, feats = batch_for(model)
+    labels = ids.clone()
+    labels[:, :-3] = L.IGNORE_INDEX  # supervise the last 3 tokens of each prompt
+    batch = {"input_ids": ids, "attention_mask": mask, "image_mask": image_mask, "image_embeds": feats,
+             "labels": labels}
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2"])
+    with torch.no_grad():
+        fast = stage2_losses(model, batch, cfg)["loss"]
+        full = L.lm_loss(model(ids, mask, image_mask, image_embeds=feats).logits, labels).loss
+    assert torch.allclose(fast, full, atol=1e-5)

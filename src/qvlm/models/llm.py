@@ -103,6 +103,15 @@ class LanguageModel(nn.Module):
                          use_cache=use_cache, **kwargs)
         return LMOutput(logits=out.logits, loss=out.loss, past_key_values=getattr(out, "past_key_values", None))
 
+    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm)."""
+        decoder = self.base_model().get_decoder()
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head on selected hidden states: (..., Dlm) -> (..., V)."""
+        return self.base_model().get_output_embeddings()(hidden)
+
     def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, param in self.model.named_parameters():
             if "lora_" in name:

@@ -91,6 +91,13 @@ class VLM(nn.Module):
 
         Each row of ``image_mask`` must mark exactly Q positions (the collator reserves them).
         """
+        embeds, tokens = self.input_embeds(input_ids, image_mask, pixel_values, image_embeds)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
+
+    def input_embeds(self, input_ids: Tensor, image_mask: Tensor, pixel_values: Tensor | None = None,
+                     image_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(LLM input embeddings (B, T, Dlm) with the image tokens in place, image tokens (B, Q, Dlm))."""
         if self.llm is None:
             raise RuntimeError("this VLM was built without an LLM (stage 1); build it with with_llm=True")
         if image_embeds is None:
@@ -98,9 +105,7 @@ class VLM(nn.Module):
                 raise ValueError("give pixel_values or image_embeds")
             image_embeds = self.image_features(pixel_values)
         tokens = self.image_tokens(image_embeds)  # (B, Q, Dlm)
-        embeds = self.merge(self.llm.embed(input_ids), tokens, image_mask)  # (B, T, Dlm)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
-        return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
+        return self.merge(self.llm.embed(input_ids), tokens, image_mask), tokens
 
     @staticmethod
     def merge(text_embeds: Tensor, image_tokens: Tensor, image_mask: Tensor) -> Tensor:
