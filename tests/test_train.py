@@ -1,5 +1,6 @@
 """The training loop: schedule, exact resume, crash-safe checkpoints, NaN stop, the saved model."""
 
+import json
 import os
 import signal
 import subprocess
@@ -48,7 +49,11 @@ def test_resume_is_exact(tmp_path):
     first = train(cfg, tmp_path / "resumed", progress=False, stop_at_step=3)
     assert first["stopped"] and (tmp_path / "resumed" / "checkpoints" / "step-3").is_dir()
     assert not (tmp_path / "resumed" / "model").exists()
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # rows past the checkpoint, torn by a crash
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
@@ -148,7 +153,6 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert list((out / "checkpoints").glob("step-*"))
     capsys.readouterr()
     assert main(["eval", "retrieval", "--model", str(out / "model"), "--max-samples", "8", "--json"]) == 0
-    import json
     metrics = json.loads(capsys.readouterr().out)
     for key in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r10", "itc_i2t_r1"):
         assert 0.0 <= metrics[key] <= 1.0

@@ -190,8 +190,23 @@ def restore(out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
     tensors, trainer = ckpt.load_checkpoint(path, opt, {"hard_negatives": gen})
     model.load_trainable_state(tensors, strict=False)
     stream.load_state_dict(trainer["data"])
+    trim_metrics(out / "metrics.jsonl", int(trainer["step"]))
     log(f"resumed from {path} (step {trainer['step']})")
     return RunState(step=int(trainer["step"]), best=trainer.get("best") or {})
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric rows written after the checkpoint we resume from (they will be written again)."""
+    if D.rank() != 0 or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the crash
+    ckpt.write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 def finish(cfg, out, model: VLM, opt, stream, gen, state: RunState, eval_fn) -> dict:
