@@ -1,7 +1,8 @@
 """``qvlm demo``: the whole recipe offline, on a laptop CPU, in one command.
 
 1. pretrain the small demo vision tower on synthetic scenes, then freeze it;
-2. stage 1: Q-Former (from the packaged MiniLM BERT) with ITC + ITM + ITG, retrieval eval;
+2. stage 1: Q-Former (from the packaged MiniLM BERT) with ITC + ITG (ITM is available, see
+   ``full_plan``), retrieval eval;
 3. stage 2: projector + LoRA on the packaged SmolLM2-135M-Instruct (Q-Former keeps training);
 4. evaluate captions on i.i.d. test scenes and on scenes with never-trained colour–shape pairs,
    and the LLM's retention of its text knowledge;
@@ -88,9 +89,9 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume
     else:
         vision = run_pretrain_vision(out / "vision", progress=progress, **plan.vision)
     common = [f"model.vision.source={out / 'vision'}", f"data.cache_dir={out / 'cache'}", *plan.shared]
-    log("2/5 stage 1: Q-Former with ITC + ITM + ITG")
     cfg1 = load_config(config_file(plan.config), [*common, "train.stage=1", f"eval.max_samples={plan.n_eval}",
                                                   *plan.stage1])
+    log(f"2/5 stage 1: Q-Former with {' + '.join(k.upper() for k, w in cfg1.train.losses.items() if w > 0)}")
     stage1 = finished_eval(out / "stage1") if resume else None
     if stage1 is None:
         stage1 = train(cfg1, out / "stage1", resume=resume, eval_fn=evaluate_retrieval, progress=progress)["eval"]
