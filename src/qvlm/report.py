@@ -33,6 +33,7 @@ def plot_curves(rows: list[dict], keys: list[str], path: Path, title: str, size=
     left, right, top, bottom = 56, w - 12, 28, h - 36
     draw.text((left, 8), title, fill="black")
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and r[k] > 0] for k in keys}
+    series = {k: pts for k, pts in series.items() if pts}  # a term the run did not use gets no legend entry
     points = [p for s in series.values() for p in s]
     if not points:
         img.save(path)
