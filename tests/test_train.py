@@ -182,6 +182,10 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "r"),
                  "model.vision.source=./missing-dir"]) == 2
     assert "missing-dir" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "r2"), "train.stage=2",
+                 f"train.init_from={tmp_path / 'empty'}"]) == 1
+    assert "train.init_from" in capsys.readouterr().err
 
 
 def test_saved_model_bundles_local_base_models_and_can_move(tmp_path):

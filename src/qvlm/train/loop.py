@@ -71,14 +71,25 @@ def bf16_available(device: torch.device) -> bool:
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
-        loaded = VLM.from_pretrained(cfg.train.init_from, with_llm=False)
-        state = {k: v for k, v in loaded.trainable_state(("qformer", "heads")).items()}
-        model.load_trainable_state(state, strict=False)
+        model.load_trainable_state(stage1_state(Path(cfg.train.init_from)), strict=False)
         log(f"initialised Q-Former and heads from {cfg.train.init_from}")
     elif cfg.train.stage == 2:
         log("warning: stage 2 without train.init_from starts from an untrained Q-Former")
     model.set_trainable(cfg.train.stage, freeze_qformer=cfg.train.freeze_qformer)
     return model
+
+
+def stage1_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The Q-Former and stage-1 head tensors of a saved model (read directly, no model rebuilt)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for block in ("qformer", "heads"):
+        file = folder / f"{block}.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"train.init_from={folder}: no {file.name} (expected a saved qvlm model folder)")
+        state.update(load_file(file))
+    return state
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False,
