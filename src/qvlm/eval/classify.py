@@ -13,6 +13,7 @@ import re
 import torch
 
 from qvlm.models.vlm import VLM
+from qvlm.train.steps import image_embeds_of
 
 
 def caption_label(caption: str, classes: list[str]) -> int | None:
@@ -51,7 +52,7 @@ def classify_metrics(model: VLM, cfg, classes: list[str], template: str = "a pho
         unlabelled += len(labels) - len(keep)
         if not keep:
             continue
-        emb = batch["image_embeds"].float() if "image_embeds" in batch else model.image_features(batch["pixel_values"])
+        emb = image_embeds_of(model, batch)
         query = model.qformer(image_embeds=emb[keep]).query
         sim = torch.einsum("bqe,ce->bqc", model.heads.image_feats(query), text).max(dim=1).values  # (B, C)
         for pred, i in zip(sim.argmax(dim=1).tolist(), keep):

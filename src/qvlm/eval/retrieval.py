@@ -15,6 +15,7 @@ from torch import Tensor
 
 from qvlm.models.stage1 import itm_match_prob
 from qvlm.models.vlm import VLM
+from qvlm.train.steps import image_embeds_of
 
 KS = (1, 5, 10)
 
@@ -35,7 +36,7 @@ def encode(model: VLM, batches) -> Encoded:
     parts: dict[str, list] = {k: [] for k in ("emb", "img", "txt", "ids", "mask", "cap")}
     max_len = 0
     for batch in batches:
-        emb = batch["image_embeds"].float() if "image_embeds" in batch else model.image_features(batch["pixel_values"])
+        emb = image_embeds_of(model, batch)
         out = model.qformer(image_embeds=emb, input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"], mode="unimodal")
         parts["emb"].append(emb)
@@ -115,21 +116,26 @@ def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"
     """Collated batches of the first ``eval.max_samples`` usable records of ``source``
     (default ``eval.data``, else the ``test`` split of ``data.source``)."""
     from qvlm.data.collate import Stage1Collator
-    from qvlm.data.records import iter_records
     from qvlm.sources import load_tokenizer
-    from qvlm.train.batches import open_data
 
     q = cfg.model.qformer
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
+    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
+    records = load_records(cfg, source, split, cfg.eval.max_samples)
+    for start in range(0, len(records), cfg.eval.batch_size):
+        yield collate(records[start:start + cfg.eval.batch_size])
+
+
+def load_records(cfg, source: str | None, split: str, max_samples: int) -> list[dict]:
+    """The first ``max_samples`` usable records of ``source`` (default: ``eval_source(cfg)``)."""
+    from qvlm.data.records import iter_records
+    from qvlm.train.batches import open_data
+
     source = source or eval_source(cfg)
     if source is None:
         raise ValueError("data.source is a stream of tar shards with no test split: set eval.data "
                          "(or pass --data) to evaluate on held-out records")
-    dataset = open_data(cfg, source, split)
-    collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
-    records = list(iter_records(dataset, limit=cfg.eval.max_samples))
-    for start in range(0, len(records), cfg.eval.batch_size):
-        yield collate(records[start:start + cfg.eval.batch_size])
+    return list(iter_records(open_data(cfg, source, split), limit=max_samples))
 
 
 def eval_source(cfg) -> str | None:

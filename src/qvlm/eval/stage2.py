@@ -28,22 +28,12 @@ def generate_captions(vlm, records: list[dict], batch_size: int = 16, max_new_to
     return out
 
 
-def load_records(cfg, source: str | None, split: str, max_samples: int) -> list[dict]:
-    from qvlm.data.records import iter_records
-    from qvlm.eval.retrieval import eval_source
-    from qvlm.train.batches import open_data
-
-    source = source or eval_source(cfg)
-    if source is None:
-        raise ValueError("no evaluation data: set eval.data (or pass --data)")
-    return list(iter_records(open_data(cfg, source, split), limit=max_samples))
-
-
 def evaluate_captions(vlm, cfg, source: str | None = None, split: str = "test", max_samples: int | None = None,
                       progress: bool = False) -> tuple[dict, list[dict]]:
     """(metrics, samples): COCO caption metrics against each record's caption, plus ``color_shape_acc``,
     ``count_acc`` and ``exact_match`` when the records have scene attributes."""
     from qvlm.eval.captioning import caption_metrics, scene_metrics
+    from qvlm.eval.retrieval import load_records
 
     records = load_records(cfg, source, split, max_samples or cfg.eval.max_samples)
     if not records:

@@ -222,10 +222,19 @@ class VLM(nn.Module):
         cfg = localize_sources(load_config(path / "config.yaml"), path)
         has_llm = (path / "projector.safetensors").is_file()
         model = cls.from_config(cfg, with_llm=has_llm if with_llm is None else with_llm)
-        state: dict[str, Tensor] = {}
-        for block in BLOCK_FILES:
-            file = path / f"{block}.safetensors"
-            if file.is_file() and (block not in ("projector", "lora") or model.llm is not None):
-                state.update(load_file(file))
-        model.load_trainable_state(state, strict=False)
+        blocks = BLOCK_FILES if model.llm is not None else ("qformer", "heads")
+        model.load_trainable_state(read_blocks(path, blocks), strict=False)
         return model
+
+
+def read_blocks(path: Path, blocks: tuple[str, ...], required: bool = False) -> dict[str, Tensor]:
+    """The tensors of the named blocks of a saved model folder (``block.safetensors`` files);
+    with ``required`` a missing file is an error, else it is skipped."""
+    state: dict[str, Tensor] = {}
+    for block in blocks:
+        file = path / f"{block}.safetensors"
+        if file.is_file():
+            state.update(load_file(file))
+        elif required:
+            raise FileNotFoundError(f"{path}: no {file.name} (expected a saved qvlm model folder)")
+    return state

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from qvlm.config import Config, save_config
-from qvlm.models.vlm import VLM
+from qvlm.models.vlm import VLM, read_blocks
 from qvlm.train import checkpoint as ckpt
 from qvlm.train import distributed as D
 from qvlm.train.batches import BatchStream, build_stream
@@ -38,7 +38,6 @@ class NonFiniteLoss(RuntimeError):
 class RunState:
     step: int = 0
     best: dict = field(default_factory=dict)
-    last_eval: dict = field(default_factory=dict)
 
 
 def log(msg: str) -> None:
@@ -71,25 +70,15 @@ def bf16_available(device: torch.device) -> bool:
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
-        model.load_trainable_state(stage1_state(Path(cfg.train.init_from)), strict=False)
+        try:
+            blocks = read_blocks(Path(cfg.train.init_from), ("qformer", "heads"), required=True)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"train.init_from: {exc}") from exc
+        model.load_trainable_state(blocks, strict=False)
         log(f"initialised Q-Former and heads from {cfg.train.init_from}")
     elif cfg.train.stage == 2:
         log("warning: stage 2 without train.init_from starts from an untrained Q-Former")
-    model.set_trainable(cfg.train.stage, freeze_qformer=cfg.train.freeze_qformer)
-    return model
-
-
-def stage1_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The Q-Former and stage-1 head tensors of a saved model (read directly, no model rebuilt)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for block in ("qformer", "heads"):
-        file = folder / f"{block}.safetensors"
-        if not file.is_file():
-            raise FileNotFoundError(f"train.init_from={folder}: no {file.name} (expected a saved qvlm model folder)")
-        state.update(load_file(file))
-    return state
+    return model  # from_config already set what this stage trains
 
 
 def train(cfg: Config, out: str | Path, resume: bool = False,
@@ -174,7 +163,6 @@ def run_eval(cfg, out, model: VLM, state: RunState, eval_fn) -> dict:
     with torch.no_grad():
         metrics = eval_fn(model, cfg)
     model.train()
-    state.last_eval = metrics
     write_metrics(out, {"step": state.step, "eval": metrics})
     key = metrics.get("primary")
     if key is not None and (not state.best or metrics[key] > state.best["value"]):
