@@ -158,6 +158,23 @@ def test_stop_string_cuts_text(vlm, batch):
     assert out.token_ids[1] == free.token_ids[1]
 
 
+def test_on_step_sees_every_step_and_can_finish_a_row(vlm, batch):
+    free = run(vlm, batch, max_new_tokens=6)
+    steps = []
+
+    def on_step(ids, reasons):
+        steps.append([list(x) for x in ids])
+        return {0: "cancelled"} if len(ids[0]) == 2 else None
+
+    out = generate_from_images(vlm, *batch[:4], GenerationConfig(max_new_tokens=6), on_step=on_step)
+    assert steps[0] == [free.token_ids[0][:1], free.token_ids[1][:1]]  # one new token per row per step
+    assert len(steps) == 6
+    assert out.token_ids[0] == free.token_ids[0][:2] and out.finish_reasons == ["cancelled", "length"]
+    assert out.token_ids[1] == free.token_ids[1]  # the other row goes on undisturbed
+    with pytest.raises(ValueError, match="beam"):
+        generate_from_images(vlm, *batch[:4], GenerationConfig(max_new_tokens=2, num_beams=2), on_step=on_step)
+
+
 # ---- sampling ----------------------------------------------------------------------------
 
 def test_sampling_is_seeded(vlm, batch):

@@ -10,19 +10,26 @@ sits at the last position; position ids are counted from the attention mask, so 
 generates exactly what it would alone. With ``use_cache`` the prompt runs once (prefill) and each
 step feeds only the new token's embedding plus a ``transformers.DynamicCache``; without it the
 whole sequence is recomputed every step. Both paths share one loop and give the same greedy tokens.
+
+Streaming: greedy/sampling accept ``on_step(ids, reasons)``, called after every step with each
+row's new tokens so far and its finish reason (None while running); it may return ``{row: reason}``
+to finish rows early (a server stops a row whose client left, or whose own token budget is spent).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
 from qvlm.models.llm import LanguageModel
+
+
+StepCallback = Callable[[list[list[int]], list[str | None]], Mapping[int, str] | None]
 
 
 @dataclass
@@ -167,7 +174,8 @@ def _cut_at_stop(tokenizer: Any, ids: list[int], stop: list[str]) -> tuple[str, 
 # ---- the loops -----------------------------------------------------------------------------
 
 def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos: set[int], pad: int,
-                      seen: Tensor | None) -> tuple[list[str], list[list[int]], list[str]]:
+                      seen: Tensor | None, on_step: StepCallback | None = None
+                      ) -> tuple[list[str], list[list[int]], list[str]]:
     rng = torch.Generator(device=dec.mask.device).manual_seed(gen.seed) if gen.seed is not None else None
     b = dec.mask.shape[0]
     ids: list[list[int]] = [[] for _ in range(b)]
@@ -191,6 +199,9 @@ def _greedy_or_sample(dec: _Decoder, gen: GenerationConfig, tokenizer: Any, eos:
                         cut_texts[i], reasons[i] = text, "stop"
         if seen is not None:
             seen[torch.arange(b, device=nxt.device), nxt] = True
+        if on_step is not None:
+            for i, reason in (on_step(ids, reasons) or {}).items():
+                reasons[i] = reasons[i] or reason
         if all(r is not None for r in reasons) or step == gen.max_new_tokens - 1:
             break
         logits = dec.step(nxt)
@@ -291,14 +302,17 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, tokenizer: Any,
              gen: GenerationConfig, eos_token_ids: list[int] | None = None,
-             input_ids: Tensor | None = None) -> GenerationOutput:
+             input_ids: Tensor | None = None, on_step: StepCallback | None = None) -> GenerationOutput:
     """Continue each row of a LEFT-padded batch of prompt embeddings (B, T, Dlm) with mask (B, T).
 
     Stops a row at any of ``eos_token_ids`` plus the tokenizer's eos (pass the chat template's
     end-of-turn id here), at a stop string, or after ``gen.max_new_tokens``. The repetition penalty
     counts every token generated so far and, when ``input_ids`` (B, T) is given, the prompt's text
     tokens (positions where ``attention_mask`` is 1 and the id is >= 0; mark image slots -1).
+    ``on_step`` (greedy and sampling only) sees every step; see the module docstring.
     """
+    if on_step is not None and gen.num_beams > 1:
+        raise ValueError("on_step works with greedy decoding and sampling, not beam search")
     if inputs_embeds.dim() != 3 or attention_mask.shape != inputs_embeds.shape[:2]:
         raise ValueError(f"need inputs_embeds (B, T, D) and attention_mask (B, T), got "
                          f"{tuple(inputs_embeds.shape)} and {tuple(attention_mask.shape)}")
@@ -315,8 +329,10 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
             seen[prompt.nonzero()[:, 0], input_ids[prompt]] = True
     with _eval_mode(lm):
         dec = _Decoder(lm, inputs_embeds, attention_mask, gen.use_cache)
-        loop = _beam_search if gen.num_beams > 1 else _greedy_or_sample
-        texts, ids, reasons = loop(dec, gen, tokenizer, eos, pad, seen)
+        if gen.num_beams > 1:
+            texts, ids, reasons = _beam_search(dec, gen, tokenizer, eos, pad, seen)
+        else:
+            texts, ids, reasons = _greedy_or_sample(dec, gen, tokenizer, eos, pad, seen, on_step)
     return GenerationOutput(texts=texts, token_ids=ids, finish_reasons=reasons,
                             num_prompt_tokens=attention_mask.long().sum(dim=1).tolist())
 
@@ -324,11 +340,13 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
 @torch.no_grad()
 def generate_from_images(vlm: nn.Module, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor,
                          image_mask: Tensor, gen: GenerationConfig,
-                         eos_token_ids: list[int] | None = None) -> GenerationOutput:
+                         eos_token_ids: list[int] | None = None,
+                         on_step: StepCallback | None = None) -> GenerationOutput:
     """Image features (B, N, Dv) + LEFT-padded prompts (B, T) whose ``image_mask`` marks each row's Q
     image slots -> the VLM's answers. The image slots never count for the repetition penalty."""
     with _eval_mode(vlm):
         tokens = vlm.image_tokens(image_embeds)  # (B, Q, Dlm)
         embeds = vlm.merge(vlm.llm.embed(input_ids), tokens, image_mask)  # (B, T, Dlm)
         text_ids = input_ids.masked_fill(image_mask, -1)  # (B, T): image slots do not count for the penalty
-        return generate(vlm.llm, embeds, attention_mask, vlm.llm.tokenizer, gen, eos_token_ids, input_ids=text_ids)
+        return generate(vlm.llm, embeds, attention_mask, vlm.llm.tokenizer, gen, eos_token_ids, input_ids=text_ids,
+                        on_step=on_step)
