@@ -138,6 +138,7 @@ class TrainConfig:
     init_from: str = ""  # stage 2: a stage-1 model folder
     freeze_qformer: bool = False
     gradient_checkpointing: bool = False
+    dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
 
 
 @dataclass
@@ -312,6 +313,7 @@ def validate(cfg: Config) -> None:
         (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm"}, "train.losses", "keys among itc, itm, itg, lm"),
         (all(w >= 0 for w in cfg.train.losses.values()), "train.losses", "non-negative weights"),
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32"),
+        (cfg.train.dist_timeout_s > 0, "train.dist_timeout_s", "> 0"),
         (cfg.train.lr > 0, "train.lr", "> 0"),
         (cfg.data.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),

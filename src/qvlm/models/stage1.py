@@ -70,8 +70,13 @@ def decoder_input_ids(input_ids: Tensor, dec_token_id: int) -> Tensor:
 def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
                   attention_mask: Tensor, weights: dict[str, float], dec_token_id: int,
                   gather: Gather | None = None, rank: int = 0,
-                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies."""
+                  generator: torch.Generator | None = None,
+                  sum_all: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies.
+
+    Across W ranks, ``gather`` concatenates a tensor from every rank and ``sum_all`` sums one;
+    with them, the mean over ranks of each loss equals the loss of one process holding the whole
+    (concatenated) batch, so averaging gradients over ranks gives the single-process update."""
     use = {k for k, w in weights.items() if w > 0}
     need_text = bool(use & {"itc", "itm"})
     out = qformer(image_embeds=image_embeds, input_ids=input_ids if need_text else None,
@@ -92,7 +97,7 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
         text = qformer(input_ids=ids, attention_mask=attention_mask, query_cache=out.query_cache,
                        mode="causal").text  # (B, T, Dq)
         itg = L.itg_loss(heads.lm_head(text), ids, attention_mask)
-        terms["itg"] = itg.loss
+        terms["itg"] = itg.loss if sum_all is None else global_token_mean(itg.loss, itg.tokens, sum_all)
     return L.combine(terms, {k: w for k, w in weights.items() if k in use})
 
 
@@ -102,16 +107,36 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs."""
     b = image_embeds.shape[0]
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
-    all_ids = gather(input_ids) if gather else input_ids  # (B*W, T)
+    all_ids = gather(input_ids) if gather else input_ids  # (B*W, T*): padded to the longest rank
     all_mask = gather(attention_mask) if gather else attention_mask
-    targets = torch.arange(b, device=image_embeds.device) + rank * b
-    neg_text, neg_image = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, targets, generator=generator)
+    input_ids, attention_mask = pad_to(input_ids, all_ids.shape[1]), pad_to(attention_mask, all_ids.shape[1])
+    # Negatives are drawn for the whole gathered batch with the same generator on every rank, then
+    # each rank keeps its rows: the same pairs as one process holding the whole batch would draw.
+    sim_i2t = gather(itc.sim_i2t) if gather else itc.sim_i2t  # (B*W, B*W)
+    sim_t2i = gather(itc.sim_t2i) if gather else itc.sim_t2i
+    targets = torch.arange(sim_i2t.shape[0], device=image_embeds.device)
+    negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator)
+    mine = slice(rank * b, (rank + 1) * b)
+    neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
     images = torch.cat([image_embeds, image_embeds, all_images[neg_image]])  # (3B, N, Dv)
     ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3B, T)
     mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
     query = qformer(image_embeds=images, input_ids=ids, attention_mask=mask, mode="bidirectional").query
     logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3B, Q, 2) -> (3B, 2)
     return L.itm_loss(logits, L.itm_labels(b).to(logits.device))
+
+
+def pad_to(tokens: Tensor, length: int) -> Tensor:
+    """Right-pad (B, T) ids or mask with 0 ([PAD] / masked out) to (B, length)."""
+    return F.pad(tokens, (0, length - tokens.shape[1])) if length > tokens.shape[1] else tokens
+
+
+def global_token_mean(local_mean: Tensor, tokens: Tensor, sum_all: Callable[[Tensor], Tensor]) -> Tensor:
+    """A per-rank token-mean loss rescaled so that its mean over W ranks is the token mean of the
+    whole batch: local_mean * tokens * W / all tokens (the counts carry no gradient)."""
+    counts = torch.stack([tokens.float(), torch.ones_like(tokens, dtype=torch.float)])
+    total, world = sum_all(counts).unbind()
+    return local_mean * tokens.float() * world / total
 
 
 @torch.no_grad()

@@ -22,26 +22,49 @@ STAGE2_PROMPT_BUDGET = 96  # tokens for the system and user turns around the ima
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of ``range(n)`` fixed by (seed, epoch), this rank's share, from ``start`` on."""
+    """A permutation of ``range(n)`` fixed by (seed, epoch), read from the global position ``start``
+    on and dealt to ranks in blocks: global batch k is positions [k*B*W, (k+1)*B*W) and rank r
+    takes its r-th block of B. W ranks x batch B thus see the same samples as one process with
+    batch W*B (in the same order once concatenated), and a position saved by W ranks resumes on any
+    other number. A last, partial global batch is split evenly (topped up from the permutation's
+    start), so every rank has the same number of batches."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.epoch, self.start = 0, 0
 
-    def order(self) -> list[int]:
+    def permutation(self) -> list[int]:
         if not self.shuffle:
-            idx = list(range(self.n))
-        else:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            idx = torch.randperm(self.n, generator=gen).tolist()
-        return idx[self.rank :: self.world_size]
+            return list(range(self.n))
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def order(self) -> list[int]:
+        perm = self.permutation()
+        rest = perm[self.start :]
+        if self.world_size == 1:
+            return rest
+        b, w = self.batch_size, self.world_size
+        full = len(rest) // (b * w) * (b * w)
+        mine = [i for k in range(0, full, b * w) for i in rest[k + self.rank * b : k + (self.rank + 1) * b]]
+        tail = rest[full:]
+        if tail:
+            per = -(-len(tail) // w)
+            tail = (tail + perm * w)[: per * w]  # topped up so every rank gets `per`
+            mine += tail[self.rank * per : (self.rank + 1) * per]
+        return mine
+
+    def advance(self, position: int) -> int:
+        """The global position after one more batch of every rank (capped at the epoch's end)."""
+        return min(position + self.batch_size * self.world_size, self.n)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :])
+        return iter(self.order())
 
     def __len__(self) -> int:
-        return max(0, len(self.order()) - self.start)
+        return len(self.order())
 
 
 class BatchStream:
@@ -54,7 +77,7 @@ class BatchStream:
         self.dec_token_id = dec_token_id
         self.streaming = isinstance(dataset, IterableDataset)
         self.sampler = None if self.streaming else EpochSampler(
-            len(dataset), seed, shuffle, rank=D.rank(), world_size=D.world_size())
+            len(dataset), seed, shuffle, rank=D.rank(), world_size=D.world_size(), batch_size=batch_size)
         self.epoch, self.consumed, self.batches_done = 0, 0, 0
         self.grouped = None
         if group_by_length and not self.streaming:
@@ -105,28 +128,56 @@ class BatchStream:
 
     def account(self, batch: dict) -> None:
         self.counter.update(batch)
-        self.consumed += len(batch.get("keys", ())) + sum(batch.get("skipped", {}).values())
+        if self.sampler is not None and self.grouped is None:  # the global position, on every rank
+            self.consumed = self.sampler.advance(self.consumed)
+        else:
+            self.consumed += len(batch.get("keys", ())) + sum(batch.get("skipped", {}).values())
         self.batches_done += 1
         if self.streaming and hasattr(self.dataset, "mark_done"):
             self.dataset.mark_done(batch.get("shards_done", ()))
 
     def state_dict(self) -> dict:
+        """The data position. Collective when distributed (call it on every rank): skip counts are
+        summed over ranks and the shards finished by any rank are merged, so W ranks' position
+        resumes on any number of ranks."""
         state = {"epoch": self.epoch, "consumed": self.consumed, "batches_done": self.batches_done,
                  "counts": self.counter.to_dict()}
         if self.streaming and hasattr(self.dataset, "state_dict"):
             state["dataset"] = self.dataset.state_dict()
+        if D.is_distributed():
+            state = merge_rank_states(D.all_gather_object(state))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
         self.batches_done = int(state.get("batches_done", 0))
-        self.counter = SkipCounter(**state.get("counts", {}))
+        # the saved counts are the sum over ranks: one rank carries them on, or they would be summed again
+        self.counter = SkipCounter(**state.get("counts", {})) if D.rank() == 0 else SkipCounter()
         if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
         self._it = None
 
     def summary(self) -> str:
         return self.counter.summary()
+
+
+def merge_rank_states(states: list[dict]) -> dict:
+    """One data position from every rank's: rank 0's position, skip counts summed, finished shards united."""
+    merged = dict(states[0])
+    counts: dict = {}
+    for state in states:
+        for key, value in state["counts"].items():
+            if isinstance(value, dict):
+                inner = counts.setdefault(key, {})
+                for k, v in value.items():
+                    inner[k] = inner.get(k, 0) + v
+            else:
+                counts[key] = counts.get(key, 0) + value
+    merged["counts"] = counts
+    if "dataset" in merged and "shards_done" in merged["dataset"]:
+        done = sorted({s for state in states for s in state.get("dataset", {}).get("shards_done", ())})
+        merged["dataset"] = {**merged["dataset"], "shards_done": done}
+    return merged
 
 
 def decoder_start_id(tokenizer) -> int:

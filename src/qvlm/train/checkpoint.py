@@ -28,8 +28,10 @@ DONE = "trainer.json"  # written last: a folder without it is incomplete
 
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, cfg: Config, trainer: dict[str, Any],
-                    generators: dict[str, torch.Generator] | None = None) -> Path:
-    """Write ``root/step-N`` atomically and point ``root/latest`` at it."""
+                    generators: dict[str, torch.Generator] | None = None,
+                    rank_rngs: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``root/step-N`` atomically and point ``root/latest`` at it. ``rank_rngs``: the global
+    RNG states of ranks 1..W-1 of a multi-process run (rank 0's are this process's)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp-{os.getpid()}"
@@ -40,7 +42,8 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     write_json(tmp / "optimizer.json", opt_meta)
-    save_file(rng_tensors(generators or {}), tmp / "rng.safetensors")
+    ranked = {f"rank{r}.{k}": v for r, states in enumerate(rank_rngs or [], start=1) for k, v in states.items()}
+    save_file({**rng_tensors(generators or {}), **ranked}, tmp / "rng.safetensors")
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     state = {**trainer, "step": step, "python_rng": python_rng_state(), "numpy_rng": numpy_rng_state()}
     write_json(tmp / DONE, state)
@@ -65,15 +68,17 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
-                    generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimiser and RNG states; return (model tensors, trainer state)."""
+                    generators: dict[str, torch.Generator] | None = None,
+                    rank: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore optimiser and RNG states (``rank``'s own global RNG when the checkpoint has it);
+    return (model tensors, trainer state)."""
     if not (path / DONE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {DONE})")
     model_state = load_file(path / "model.safetensors")
     meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
     optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
     trainer = json.loads((path / DONE).read_text(encoding="utf-8"))
-    restore_rng(load_file(path / "rng.safetensors"), trainer, generators or {})
+    restore_rng(load_file(path / "rng.safetensors"), trainer, generators or {}, rank)
     return model_state, trainer
 
 
@@ -110,19 +115,29 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+def global_rng_tensors() -> dict[str, torch.Tensor]:
     out = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         out["torch_cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    out = global_rng_tensors()
     for name, gen in generators.items():
         out[f"gen.{name}"] = gen.get_state()
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor], trainer: dict, generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
+def restore_rng(tensors: dict[str, torch.Tensor], trainer: dict, generators: dict[str, torch.Generator],
+                rank: int = 0) -> None:
+    prefix = f"rank{rank}." if rank else ""
+    if prefix + "torch_cpu" in tensors:
+        torch.set_rng_state(tensors[prefix + "torch_cpu"])
+        if prefix + "torch_cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[prefix + "torch_cuda"])
+    else:  # a rank the saving run did not have: its own deterministic stream
+        torch.manual_seed(int(trainer["step"]) * 1_000_003 + rank)
     for name, gen in generators.items():
         if f"gen.{name}" in tensors:
             gen.set_state(tensors[f"gen.{name}"])

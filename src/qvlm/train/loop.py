@@ -1,6 +1,11 @@
 """One training loop for both stages, shaped like nanoGPT's: setup, build, then for each step:
 lr, micro-steps, clip, step, log, periodic eval and checkpoint.
 
+Accelerate sets up the processes and wraps the step in DDP, so the same call runs alone, under
+``torchrun`` and under ``accelerate launch``: each of W ranks reads its block of every global batch,
+ITC/ITM see the gathered batch, and W ranks x batch B make the update of one process with batch W*B.
+Only rank 0 writes files and logs.
+
 Writes ``OUT/config.yaml``, ``OUT/metrics.jsonl``, ``OUT/checkpoints/step-N/`` and the final
 ``OUT/model/`` (loadable by ``VLM.from_pretrained``). ``resume=True`` continues exactly from the
 newest complete checkpoint: the same weights as an uninterrupted run, on CPU.
@@ -13,12 +18,14 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from qvlm.config import Config, save_config
@@ -67,6 +74,17 @@ def bf16_available(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+class TrainStep(nn.Module):
+    """The model as one module whose forward is a micro-step's named losses, so DDP can wrap it."""
+
+    def __init__(self, model: VLM, cfg: Config, dec_token_id: int | None):
+        super().__init__()
+        self.model, self.cfg, self.dec_token_id = model, cfg, dec_token_id
+
+    def forward(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return step_losses(self.model, batch, self.cfg, generator=generator, dec_token_id=self.dec_token_id)
+
+
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
@@ -89,32 +107,38 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     ``stop_at_step`` ends the run early with a checkpoint (as if interrupted there), keeping the
     schedule of the full run; ``resume=True`` then continues it."""
     out = Path(out)
-    seed_everything(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    accelerator = D.setup(cfg.train.dist_timeout_s)
+    device = accelerator.device
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    if D.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     model = build_model(cfg).to(device)
     model.train()
     opt, counts = build_optimizer(model.parameter_groups(), cfg.train)
     log(f"trainable parameters by group: {json.dumps(counts)}; all: {json.dumps(model.parameter_counts())}")
     stream = build_stream(cfg, model, split="train")
-    gen = torch.Generator().manual_seed(cfg.train.seed)
+    step_module = accelerator.prepare_model(TrainStep(model, cfg, stream.dec_token_id))
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # hard negatives: the same draws on every rank
+    if D.rank() > 0:
+        torch.manual_seed(cfg.train.seed * 1_000_003 + D.rank())  # dropout differs between ranks
     state = RunState()
     if resume:
         state = restore(out, model, opt, stream, gen)
     autocast, bf16 = autocast_for(cfg, device)
     log(f"stage {cfg.train.stage}: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x "
-        f"accum {cfg.train.grad_accum}, bf16 autocast {'on' if bf16 else 'off'}, device {device}")
+        f"accum {cfg.train.grad_accum} x {D.world_size()} processes, bf16 autocast {'on' if bf16 else 'off'}, "
+        f"device {device}")
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not progress or D.rank() != 0,
                desc=f"stage {cfg.train.stage}", file=sys.stderr, dynamic_ncols=True)
     params = [p for g in opt.param_groups for p in g["params"]]
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         lr = set_lr(opt, state.step, cfg.train)
-        terms = train_step(model, opt, stream, cfg, autocast, gen, params, device)
+        terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
         state.step += 1
-        record = {"step": state.step, "lr": lr, **terms,
-                  "samples_per_s": cfg.train.batch_size * cfg.train.grad_accum / (time.perf_counter() - t0)}
+        samples = cfg.train.batch_size * cfg.train.grad_accum * D.world_size()
+        record = {"step": state.step, "lr": lr, **terms, "samples_per_s": samples / (time.perf_counter() - t0)}
         write_metrics(out, record)
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.3f}")
@@ -127,20 +151,24 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     return finish(cfg, out, model, opt, stream, gen, state, eval_fn)
 
 
-def train_step(model: VLM, opt, stream: BatchStream, cfg: Config, autocast, gen, params, device) -> dict:
-    """One optimiser step over ``grad_accum`` micro-batches; returns the mean of each named term."""
+def train_step(step_module: nn.Module, accelerator, model: VLM, opt, stream: BatchStream, cfg: Config,
+               autocast, gen, params, device) -> dict:
+    """One optimiser step over ``grad_accum`` micro-batches; returns the mean of each named term
+    (over micro-batches and ranks). Gradients are averaged over ranks on the last micro-batch."""
     sums: dict[str, float] = {}
-    for _ in range(cfg.train.grad_accum):
+    for micro in range(cfg.train.grad_accum):
         batch = stream.next_batch(device)
-        with autocast:
-            terms = step_losses(model, batch, cfg, generator=gen, dec_token_id=stream.dec_token_id)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} at this step ({ {k: float(v.detach()) for k, v in terms.items()} }); "
-                                "lower train.lr or check the data")
-        (loss / cfg.train.grad_accum).backward()
+        sync = micro == cfg.train.grad_accum - 1
+        with (nullcontext() if sync else accelerator.no_sync(step_module)):
+            with autocast:
+                terms = step_module(batch, gen)
+            (terms["loss"] / cfg.train.grad_accum).backward()
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach()) / cfg.train.grad_accum
+    sums = D.mean_over_ranks(sums, device)  # every rank sees the same numbers, so all stop together
+    if not math.isfinite(sums["loss"]):
+        opt.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"loss became {sums['loss']} at this step ({sums}); lower train.lr or check the data")
     if cfg.train.clip_grad > 0:
         sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad))
     opt.step()
@@ -172,11 +200,15 @@ def run_eval(cfg, out, model: VLM, state: RunState, eval_fn) -> dict:
 
 
 def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -> None:
+    """A checkpoint of the whole job. Collective (every rank calls it); rank 0 writes."""
+    data = stream.state_dict()
+    rngs = D.all_gather_object(ckpt.global_rng_tensors())
     if D.rank() != 0:
         return
     root = out / "checkpoints"
-    trainer = {"data": stream.state_dict(), "best": state.best}
-    ckpt.save_checkpoint(root, state.step, model.trainable_state(), opt, cfg, trainer, {"hard_negatives": gen})
+    trainer = {"data": data, "best": state.best, "world_size": D.world_size()}
+    ckpt.save_checkpoint(root, state.step, model.trainable_state(), opt, cfg, trainer, {"hard_negatives": gen},
+                         rank_rngs=rngs[1:])
     keep = {f"step-{state.best['step']}"} if state.best else set()
     ckpt.prune_checkpoints(root, cfg.train.keep_last, keep)
 
@@ -186,11 +218,13 @@ def restore(out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
     if path is None:
         log(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from step 0")
         return RunState()
-    tensors, trainer = ckpt.load_checkpoint(path, opt, {"hard_negatives": gen})
+    tensors, trainer = ckpt.load_checkpoint(path, opt, {"hard_negatives": gen}, rank=D.rank())
     model.load_trainable_state(tensors, strict=False)
     stream.load_state_dict(trainer["data"])
     trim_metrics(out / "metrics.jsonl", int(trainer["step"]))
-    log(f"resumed from {path} (step {trainer['step']})")
+    saved_world = int(trainer.get("world_size", 1))
+    note = f", written by {saved_world} processes" if saved_world != D.world_size() else ""
+    log(f"resumed from {path} (step {trainer['step']}{note})")
     return RunState(step=int(trainer["step"]), best=trainer.get("best") or {})
 
 
@@ -214,6 +248,7 @@ def finish(cfg, out, model: VLM, opt, stream, gen, state: RunState, eval_fn) -> 
     if D.rank() == 0:
         model.save_pretrained(out / "model")
         log(f"saved the final model to {out / 'model'}; data: {stream.summary()}")
+    D.barrier()  # no rank returns before the model is on disk
     return {"step": state.step, "eval": metrics, "best": state.best}
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from qvlm import losses as L
 from qvlm.config import Config
-from qvlm.models.stage1 import stage1_losses
+from qvlm.models.stage1 import global_token_mean, stage1_losses
 from qvlm.models.vlm import VLM
 from qvlm.train import distributed as D
 
@@ -32,7 +32,7 @@ def step_losses(model: VLM, batch: dict, cfg: Config, generator: torch.Generator
         return stage1_losses(
             model.qformer, model.heads, image_embeds_of(model, batch), batch["input_ids"],
             batch["attention_mask"], cfg.train.losses, dec_token_id,
-            gather=D.gather_fn(), rank=D.rank(), generator=generator,
+            gather=D.gather_fn(), rank=D.rank(), generator=generator, sum_all=D.sum_fn(),
         )
     return stage2_losses(model, batch, cfg)
 
@@ -50,4 +50,6 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     supervised = targets != L.IGNORE_INDEX
     logits = model.llm.logits(hidden[:, :-1][supervised])  # (S, V): the LM head only where there is a label
     loss = F.cross_entropy(logits.float(), targets[supervised])
+    if D.is_distributed():  # the whole batch's token mean, not the mean of per-rank means
+        loss = global_token_mean(loss, supervised.sum(), D.all_reduce_sum)
     return L.combine({"lm": loss}, {"lm": cfg.train.losses.get("lm", 1.0)})
