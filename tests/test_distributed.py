@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from qvlm.config import load_config
 from qvlm.data.fixtures import write_shards
+from qvlm.eval.retrieval import evaluate_retrieval
 from qvlm.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,11 @@ def losses(out: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+def evals(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r["eval"].items() if k != "primary"} for r in rows if "eval" in r]
+
+
 def weights(out: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted((out / "model").glob("*.safetensors")):
@@ -68,9 +74,12 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
 
 
 def test_two_processes_by_4_equal_one_process_by_8(tmp_path):
-    steps = ["train.max_steps=2"]
+    # and the periodic retrieval eval, split over the ranks (3 eval batches: 2 on rank 0, 1 on rank 1)
+    steps = ["train.max_steps=2", "train.eval_every=1", "eval.max_samples=24", "eval.batch_size=8",
+             "eval.itm_rerank_k=4"]
     one = tmp_path / "one"
-    train(load_config(ROOT / "configs" / "tiny.yaml", [*COMMON, *steps, "train.batch_size=8"]), one, progress=False)
+    train(load_config(ROOT / "configs" / "tiny.yaml", [*COMMON, *steps, "train.batch_size=8"]), one, progress=False,
+          eval_fn=evaluate_retrieval)
     # the real command line under `accelerate launch`
     two = tmp_path / "two"
     qvlm = str(Path(sys.executable).with_name("qvlm"))
@@ -86,6 +95,10 @@ def test_two_processes_by_4_equal_one_process_by_8(tmp_path):
             assert r1[term] == pytest.approx(r2[term], abs=1e-5), (term, r1, r2)
         assert r2["samples_per_s"] > 0
     assert_same(weights(one), weights(two), atol=1e-5)
+    evals_one, evals_two = evals(one), evals(two)
+    assert len(evals_one) == len(evals_two) == 2 and evals_two[0]["n"] == 24
+    for e1, e2 in zip(evals_one, evals_two):
+        assert e1 == pytest.approx(e2, abs=1e-6)
 
 
 def test_one_epoch_of_shards_over_2_ranks_by_2_workers(tmp_path):

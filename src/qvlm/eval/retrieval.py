@@ -15,6 +15,7 @@ from torch import Tensor
 
 from qvlm.models.stage1 import itm_match_prob
 from qvlm.models.vlm import VLM
+from qvlm.train import distributed as D
 from qvlm.train.steps import image_embeds_of
 
 KS = (1, 5, 10)
@@ -31,26 +32,30 @@ class Encoded:
 
 
 @torch.no_grad()
-def encode(model: VLM, batches) -> Encoded:
-    """Run every batch (``image_embeds`` or ``pixel_values`` + tokenised captions) through ITC."""
-    parts: dict[str, list] = {k: [] for k in ("emb", "img", "txt", "ids", "mask", "cap")}
-    max_len = 0
-    for batch in batches:
+def encode(model: VLM, batches, sharded: bool = False) -> Encoded:
+    """Run every batch (``image_embeds`` or ``pixel_values`` + tokenised captions) through ITC.
+
+    ``sharded``: each rank got its own batches (``eval_batches(shard=True)``, each with its
+    ``chunk`` index); the encodings are gathered so that every rank holds all of them, in order."""
+    done = []
+    for i, batch in enumerate(batches):
         emb = image_embeds_of(model, batch)
         out = model.qformer(image_embeds=emb, input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"], mode="unimodal")
-        parts["emb"].append(emb)
-        parts["img"].append(model.heads.image_feats(out.query))
-        parts["txt"].append(model.heads.text_feat(out.text))
-        parts["ids"].append(batch["input_ids"])
-        parts["mask"].append(batch["attention_mask"])
-        parts["cap"].extend(batch["captions"])
-        max_len = max(max_len, batch["input_ids"].shape[1])
-    if not parts["cap"]:
+        done.append((batch.get("chunk", i), {
+            "emb": emb.cpu(), "img": model.heads.image_feats(out.query).cpu(),
+            "txt": model.heads.text_feat(out.text).cpu(), "ids": batch["input_ids"].cpu(),
+            "mask": batch["attention_mask"].cpu(), "cap": batch["captions"]}))
+    parts = D.gather_ordered(done) if sharded else [part for _, part in done]
+    if not parts:
         raise ValueError("retrieval evaluation got no usable records")
-    pad = lambda ts: torch.cat([torch.nn.functional.pad(t, (0, max_len - t.shape[1])) for t in ts])  # noqa: E731
-    return Encoded(torch.cat(parts["emb"]), torch.cat(parts["img"]), torch.cat(parts["txt"]),
-                   pad(parts["ids"]), pad(parts["mask"]), parts["cap"])
+    device = next(model.qformer.parameters()).device
+    max_len = max(p["ids"].shape[1] for p in parts)
+    pad = lambda key: torch.cat([torch.nn.functional.pad(p[key], (0, max_len - p[key].shape[1]))  # noqa: E731
+                                 for p in parts]).to(device)
+    cat = lambda key: torch.cat([p[key] for p in parts]).to(device)  # noqa: E731
+    return Encoded(cat("emb"), cat("img"), cat("txt"), pad("ids"), pad("mask"),
+                   [c for p in parts for c in p["cap"]])
 
 
 def itc_similarity(enc: Encoded) -> Tensor:
@@ -76,35 +81,40 @@ def recall_at_k(scores: Tensor, truth: Tensor, ks=KS) -> dict[int, float]:
 
 @torch.no_grad()
 def rerank(model: VLM, enc: Encoded, sim: Tensor, k: int, images_are_queries: bool,
-           batch_size: int = 64) -> Tensor:
+           batch_size: int = 64, sharded: bool = False) -> Tensor:
     """(queries, candidates) scores: each query's top-k candidates by ITC get ITM P(match) + ITC
-    similarity (BLIP-2's re-ranking); all other candidates get -inf."""
+    similarity (BLIP-2's re-ranking); all other candidates get -inf. ``sharded``: the ITM pairs are
+    split over ranks and the scores gathered."""
     k = min(k, sim.shape[1])
     top = sim.topk(k, dim=1).indices  # (M, k)
     rows = torch.arange(sim.shape[0]).repeat_interleave(k)
     cols = top.reshape(-1)
     images, texts = (rows, cols) if images_are_queries else (cols, rows)
+    starts = list(range(0, rows.numel(), batch_size))
+    mine = D.shard(starts) if sharded else list(enumerate(starts))
     probs = []
-    for start in range(0, rows.numel(), batch_size):
+    for n, start in mine:
         i, t = images[start:start + batch_size], texts[start:start + batch_size]
-        probs.append(itm_match_prob(model.qformer, model.heads, enc.image_embeds[i], enc.input_ids[t],
-                                    enc.attention_mask[t]))
+        probs.append((n, itm_match_prob(model.qformer, model.heads, enc.image_embeds[i], enc.input_ids[t],
+                                        enc.attention_mask[t]).cpu()))
+    ordered = D.gather_ordered(probs) if sharded else [p for _, p in probs]
     scores = torch.full_like(sim, float("-inf"))
-    scores[rows, cols] = torch.cat(probs) + sim[rows, cols]
+    scores[rows, cols] = torch.cat(ordered).to(sim.device) + sim[rows, cols]
     return scores
 
 
-def retrieval_metrics(model: VLM, batches, rerank_k: int = 16) -> dict[str, float]:
-    """ITC R@K both ways, then (rerank_k > 0) the same after ITM re-ranking of the top-k."""
-    enc = encode(model, batches)
+def retrieval_metrics(model: VLM, batches, rerank_k: int = 16, sharded: bool = False) -> dict[str, float]:
+    """ITC R@K both ways, then (rerank_k > 0) the same after ITM re-ranking of the top-k.
+    ``sharded``: the work is split over ranks (see ``encode``); every rank returns the same metrics."""
+    enc = encode(model, batches, sharded)
     sim = itc_similarity(enc)
     truth = same_caption(enc.captions)
     out: dict[str, float] = {"n": len(enc.captions)}
     out.update({f"itc_i2t_r{k}": v for k, v in recall_at_k(sim, truth).items()})
     out.update({f"itc_t2i_r{k}": v for k, v in recall_at_k(sim.T, truth.T).items()})
     if rerank_k > 0:
-        i2t = rerank(model, enc, sim, rerank_k, images_are_queries=True)
-        t2i = rerank(model, enc, sim.T, rerank_k, images_are_queries=False)
+        i2t = rerank(model, enc, sim, rerank_k, images_are_queries=True, sharded=sharded)
+        t2i = rerank(model, enc, sim.T, rerank_k, images_are_queries=False, sharded=sharded)
         out.update({f"i2t_r{k}": v for k, v in recall_at_k(i2t, truth).items()})
         out.update({f"t2i_r{k}": v for k, v in recall_at_k(t2i, truth.T).items()})
     else:
@@ -112,9 +122,10 @@ def retrieval_metrics(model: VLM, batches, rerank_k: int = 16) -> dict[str, floa
     return out
 
 
-def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"):
+def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test", shard: bool = False):
     """Collated batches of the first ``eval.max_samples`` usable records of ``source``
-    (default ``eval.data``, else the ``test`` split of ``data.source``)."""
+    (default ``eval.data``, else the ``test`` split of ``data.source``). ``shard``: only this
+    rank's batches (every world_size-th), each tagged with its ``chunk`` index."""
     from qvlm.data.collate import Stage1Collator
     from qvlm.sources import load_tokenizer
 
@@ -122,8 +133,9 @@ def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
     collate = Stage1Collator(model.vision.processor, tokenizer, max_text_len=q.max_text_len)
     records = load_records(cfg, source, split, cfg.eval.max_samples)
-    for start in range(0, len(records), cfg.eval.batch_size):
-        yield collate(records[start:start + cfg.eval.batch_size])
+    starts = list(range(0, len(records), cfg.eval.batch_size))
+    for chunk, start in (D.shard(starts) if shard else enumerate(starts)):
+        yield {**collate(records[start:start + cfg.eval.batch_size]), "chunk": chunk}
 
 
 def load_records(cfg, source: str | None, split: str, max_samples: int) -> list[dict]:
@@ -152,7 +164,9 @@ def eval_source(cfg) -> str | None:
 
 def evaluate_retrieval(model: VLM, cfg, source: str | None = None, split: str = "test") -> dict[str, float]:
     """What the training loop calls periodically: retrieval R@K with ``primary`` naming the key to track."""
-    metrics = retrieval_metrics(model, eval_batches(cfg, model, source, split), rerank_k=cfg.eval.itm_rerank_k)
+    sharded = D.is_distributed()  # during multi-process training: every rank encodes its share
+    metrics = retrieval_metrics(model, eval_batches(cfg, model, source, split, shard=sharded),
+                                rerank_k=cfg.eval.itm_rerank_k, sharded=sharded)
     metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
     metrics["primary"] = "r1_mean"
     return metrics

@@ -137,8 +137,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         lr = set_lr(opt, state.step, cfg.train)
         terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
         state.step += 1
-        samples = cfg.train.batch_size * cfg.train.grad_accum * D.world_size()
-        record = {"step": state.step, "lr": lr, **terms, "samples_per_s": samples / (time.perf_counter() - t0)}
+        record = {"step": state.step, "lr": lr, **terms,
+                  "samples_per_s": global_batch(cfg) / (time.perf_counter() - t0)}
         write_metrics(out, record)
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.3f}")
@@ -206,7 +206,7 @@ def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -
     if D.rank() != 0:
         return
     root = out / "checkpoints"
-    trainer = {"data": data, "best": state.best, "world_size": D.world_size()}
+    trainer = {"data": data, "best": state.best, "world_size": D.world_size(), "global_batch": global_batch(cfg)}
     ckpt.save_checkpoint(root, state.step, model.trainable_state(), opt, cfg, trainer, {"hard_negatives": gen},
                          rank_rngs=rngs[1:])
     keep = {f"step-{state.best['step']}"} if state.best else set()
@@ -225,7 +225,15 @@ def restore(out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
     saved_world = int(trainer.get("world_size", 1))
     note = f", written by {saved_world} processes" if saved_world != D.world_size() else ""
     log(f"resumed from {path} (step {trainer['step']}{note})")
+    saved_batch = trainer.get("global_batch")
+    if saved_batch is not None and saved_batch != global_batch(cfg):
+        log(f"warning: the global batch was {saved_batch} and is now {global_batch(cfg)} (train.batch_size x "
+            "train.grad_accum x processes); set train.batch_size to keep the run's curve")
     return RunState(step=int(trainer["step"]), best=trainer.get("best") or {})
+
+
+def global_batch(cfg: Config) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * D.world_size()
 
 
 def trim_metrics(path: Path, step: int) -> None:
