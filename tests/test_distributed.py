@@ -136,3 +136,15 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
     assert proc.returncode != 0
     assert time.monotonic() - start < 150
     assert "SIGKILL" in proc.stderr or "Signal 9" in proc.stderr or "exitcode" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_stage2_two_processes_match_one(tmp_path):
+    """The LM loss is the token mean of the whole batch, not the mean of the ranks' means."""
+    args = ["model.qformer.dropout=0", "model.llm.lora.dropout=0", "train.stage=2", "train.precision=fp32",
+            "train.max_steps=2", "eval.max_samples=0", "train.warmup_steps=1"]
+    one = tmp_path / "one"
+    train(load_config(ROOT / "configs" / "tiny.yaml", [*args, "train.batch_size=8"]), one, progress=False)
+    check(torchrun("train", str(tmp_path / "two"), *args, "train.batch_size=4"))
+    for r1, r2 in zip(losses(one), losses(tmp_path / "two"), strict=True):
+        assert r1["lm"] == pytest.approx(r2["lm"], abs=1e-5)
+    assert_same(weights(one), weights(tmp_path / "two"), atol=1e-5)
