@@ -28,3 +28,11 @@ def tiny_vlm_session():
     from qvlm.models.vlm import VLM
 
     return VLM.from_config(load_config(CONFIGS / "tiny.yaml"), with_llm=True)
+
+
+@pytest.fixture(scope="session")
+def serve_model_dir(tmp_path_factory):
+    """A saved tiny stage-2 model for the serving tests (see tests/serve_helpers.py)."""
+    from serve_helpers import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("serve") / "tiny-vlm")

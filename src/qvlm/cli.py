@@ -219,6 +219,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from qvlm.serve.app import API_KEY_ENV, create_app, serve
+        from qvlm.serve.engine import Engine
+        from qvlm.serve.schemas import Limits
+    except ImportError as exc:
+        raise UsageError(f"qvlm serve needs the serve extra: pip install 'qvlm[serve]' ({exc})") from exc
+    model = Path(args.model)
+    if not (model / "config.yaml").is_file():
+        raise UsageError(f"--model {model} is not a saved qvlm model folder (no config.yaml)")
+    if not (model / "projector.safetensors").is_file():
+        raise UsageError(f"--model {model} has no projector (a stage-1 model?); serving needs a stage-2 model")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    try:
+        limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+                        max_tokens=args.max_tokens, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                        allowed_image_hosts=tuple(args.allow_image_host))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        eprint(f"qvlm serve: warning: listening on {args.host} without an API key (set --api-key or {API_KEY_ENV})")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine.load(model, limits, model_id=args.model_name, device=device)
+    auth = "required" if api_key else "off"
+    serve(create_app(engine, api_key=api_key), args.host, args.port, log_level=args.log_level,
+          announce=lambda url: eprint(f"qvlm serve: model {engine.model_id!r} on {url} (API key {auth})"))
+    return 0
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -305,6 +341,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lora", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    from qvlm.serve.schemas import Limits  # stdlib only: the limits' defaults live there
+
+    lim = Limits()
+    p = sub.add_parser("serve", help="OpenAI-compatible chat API and a web page for a stage-2 model")
+    p.add_argument("--model", required=True, help="a stage-2 model folder (OUT/model of qvlm train)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (the URL is printed)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set QVLM_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder's name)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-batch-size", type=int, default=lim.max_batch_size, help="requests generated together")
+    p.add_argument("--max-queue", type=int, default=lim.max_queue,
+                   help="requests waiting beyond the batch; more get 429")
+    p.add_argument("--max-tokens", type=int, default=lim.max_tokens, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=lim.max_prompt_tokens,
+                   help="rendered prompt incl. image slots")
+    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes)
+    p.add_argument("--max-image-bytes", type=int, default=lim.max_image_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=lim.max_image_pixels,
+                   help="width x height, read from the header")
+    p.add_argument("--allow-image-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="fetch http(s) image URLs from this host (repeatable; default: data: URLs only)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="make or inspect data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

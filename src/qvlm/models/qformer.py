@@ -6,8 +6,14 @@ queries get their own feed-forward (initialised as a copy of BERT's). Which toke
 set by ``mode``: "unimodal" (ITC), "bidirectional" (ITM), "causal" (ITG). Reference
 implementations: LAVIS ``lavis/models/blip2_models/Qformer.py`` and HF ``Blip2QFormerModel``.
 
-Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dv vision width,
-Dq Q-Former width.
+Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
+``F.scaled_dot_product_attention``; query, key and value come from one fused GEMM; the image side of
+cross-attention is projected once per batch of images (``encode_image`` -> ``ImageKV``, key and value
+in one GEMM) with the trainable image LayerNorm's scale and shift folded into that projection, so no
+gradient is ever computed with respect to the frozen image features.
+
+Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
+width, Dq Q-Former width.
 """
 
 from __future__ import annotations
@@ -24,6 +30,29 @@ MODES = ("unimodal", "bidirectional", "causal")
 OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")  # positions start at pad+1
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the query slice, each (B, H, Q, Dh)
+
+
+@dataclass
+class ImageKV:
+    """Cross-attention keys and values of a batch of images: per layer (keys, values), each
+    (B, H, N, Dh), None for layers without cross-attention. ``QFormer.encode_image`` makes it;
+    passing it as ``image_kv`` lets several passes over the same images share one projection."""
+
+    layers: list[tuple[Tensor, Tensor] | None]
+
+    @property
+    def batch_size(self) -> int:
+        return next(kv[0].shape[0] for kv in self.layers if kv is not None)
+
+    def select(self, rows: Tensor) -> ImageKV:
+        """Rows ``rows`` (R,) of every layer: repeat, reorder or pick images -> (R, H, N, Dh) each."""
+        return ImageKV([None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.layers])
+
+    @staticmethod
+    def cat(parts: list[ImageKV]) -> ImageKV:
+        """Concatenate along the batch: the images of ``parts[0]``, then ``parts[1]``, ..."""
+        return ImageKV([None if kvs[0] is None else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
+                        for kvs in zip(*(p.layers for p in parts))])
 
 
 @dataclass
@@ -69,17 +98,32 @@ class Attention(nn.Module):
     def split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x (B, L, Dq) attends to context (B, S, Dkv) (default x) after ``past`` keys/values."""
-        source = x if context is None else context
-        q, k, v = self.split(self.query(x)), self.split(self.key(source)), self.split(self.value(source))
+    def forward(self, x: Tensor, mask: Tensor | None = None, past: tuple[Tensor, Tensor] | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Self-attention of x (B, L, Dq) after ``past`` keys/values; with ``kv`` (from ``image_kv``),
+        cross-attention of x to those keys/values instead."""
+        if kv is None:  # q, k, v in one GEMM: (B, L, Dq) -> (B, L, 3, H, Dh) -> 3 x (B, H, L, Dh)
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3Dq, Dq)
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+            q, k, v = F.linear(x, w, b).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, (k, v) = self.split(self.query(x)), kv
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+S, Dh)
         p = self.attn_dropout if self.training else 0.0
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh)
         h = h.transpose(1, 2).flatten(2)  # (B, L, Dq)
         return self.norm(x + self.dropout(self.dense(h))), (k, v)
+
+    def image_kv(self, image: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, H, N, Dh) of ``image * norm_weight + norm_bias`` for standardised image
+        tokens (B, N, Dv), in one GEMM with the affine folded into the weights:
+        (x g + b0) W^T + b = x (W diag g)^T + (W b0 + b). Same values as applying the LayerNorm's
+        affine first, but the backward needs no gradient with respect to the (frozen) image."""
+        w = torch.cat([self.key.weight, self.value.weight])  # (2Dq, Dv)
+        b = torch.cat([self.key.bias, self.value.bias]) + (w * norm_bias).sum(-1)  # (2Dq,)
+        k, v = F.linear(image, w * norm_weight, b).chunk(2, dim=-1)  # (B, N, Dq) each
+        return self.split(k), self.split(v)
 
 
 class FeedForward(nn.Module):
@@ -109,18 +153,19 @@ class Layer(nn.Module):
         self.text_ffn = FeedForward(config, dropout)
         self.query_ffn = FeedForward(config, dropout)
 
-    def forward(self, h: Tensor, q_len: int, image: Tensor | None, mask: Tensor | None,
+    def forward(self, h: Tensor, q_len: int, image_kv: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """h (B, Q+T, Dq) with the first ``q_len`` rows queries; returns h and the query keys/values."""
         h, (k, v) = self.self_attn(h, mask=mask, past=past)
         query, text = h[:, :q_len], h[:, q_len:]  # (B, Q, Dq), (B, T, Dq)
         if q_len:
-            if self.cross_attn is not None and image is not None:
-                query, _ = self.cross_attn(query, context=image)  # image (B, N, Dv)
+            if self.cross_attn is not None and image_kv is not None:
+                query, _ = self.cross_attn(query, kv=image_kv)  # image keys/values (B, H, N, Dh)
             query = self.query_ffn(query)
         if text.shape[1]:
             text = self.text_ffn(text)
-        return torch.cat([query, text], dim=1), (k[:, :, :q_len], v[:, :, :q_len])
+        h = torch.cat([query, text], dim=1) if q_len and text.shape[1] else (query if q_len else text)
+        return h, (k[:, :, :q_len], v[:, :, :q_len])
 
 
 def layout_mask(mode: str, q_len: int, t_len: int, device: torch.device) -> Tensor:
@@ -254,62 +299,81 @@ class QFormer(nn.Module):
 
     def forward(self, image_embeds: Tensor | None = None, input_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, mode: str = "unimodal", query_cache: KVCache | None = None,
-                return_query_cache: bool = False) -> QFormerOutput:
-        """image_embeds (B, N, Dv), input_ids/attention_mask (B, T) -> query (B, Q, Dq), text (B, T, Dq)."""
-        self.check_inputs(image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache)
+                return_query_cache: bool = False, image_kv: ImageKV | None = None) -> QFormerOutput:
+        """image_embeds (B, N, Dv) (or their ``image_kv``), input_ids/attention_mask (B, T)
+        -> query (B, Q, Dq), text (B, T, Dq)."""
+        self.check_inputs(image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache, image_kv)
         if query_cache is not None:
             return self.forward_cached(input_ids, attention_mask, query_cache)
-        batch = (image_embeds if image_embeds is not None else input_ids).shape[0]
-        q_len = 0 if image_embeds is None else self.num_queries
+        if image_embeds is not None:
+            image_kv = self.encode_image(image_embeds)
+        batch = image_kv.batch_size if image_kv is not None else input_ids.shape[0]
+        q_len = 0 if image_kv is None else self.num_queries
         t_len = 0 if input_ids is None else input_ids.shape[1]
-        queries = None if image_embeds is None else self.query_tokens.expand(batch, -1, -1)  # (B, Q, Dq)
-        image = None if image_embeds is None else self.vision_norm(image_embeds.to(self.vision_norm.weight.dtype))
+        queries = None if image_kv is None else self.query_tokens.expand(batch, -1, -1)  # (B, Q, Dq)
         h = self.embeddings(input_ids, queries)  # (B, Q+T, Dq)
         mask = attention_mask_for(mode, q_len, t_len, attention_mask, batch, h.device)
-        h, cache = self.run_layers(h, q_len, image, mask, [None] * len(self.layers))
+        layer_kv = image_kv.layers if image_kv is not None else [None] * len(self.layers)
+        h, cache = self.run_layers(h, q_len, layer_kv, mask, [None] * len(self.layers))
         return QFormerOutput(query=h[:, :q_len] if q_len else None, text=h[:, q_len:] if t_len else None,
                              query_cache=cache if return_query_cache else None)
+
+    def encode_image(self, image_embeds: Tensor) -> ImageKV:
+        """Frozen image features (B, N, Dv) -> every cross-attention layer's keys and values of
+        ``vision_norm(image_embeds)`` (the norm's affine folded into the projections)."""
+        norm = self.vision_norm
+        image = F.layer_norm(image_embeds.to(norm.weight.dtype), (self.vision_width,), eps=norm.eps)  # (B, N, Dv)
+        return ImageKV([None if layer.cross_attn is None else layer.cross_attn.image_kv(image, norm.weight, norm.bias)
+                        for layer in self.layers])
 
     def forward_cached(self, input_ids: Tensor, attention_mask: Tensor | None, query_cache: KVCache) -> QFormerOutput:
         """Causal text attending to cached query keys/values: the text rows of the full causal pass."""
         q_len, (batch, t_len) = query_cache[0][0].shape[2], input_ids.shape
         h = self.embeddings(input_ids, None)  # (B, T, Dq)
         mask = attention_mask_for("causal", q_len, t_len, attention_mask, batch, h.device)[:, :, q_len:]
-        h, _ = self.run_layers(h, 0, None, mask, list(query_cache))  # mask (B, 1, T, Q+T)
+        h, _ = self.run_layers(h, 0, [None] * len(self.layers), mask, list(query_cache))  # mask (B, 1, T, Q+T)
         return QFormerOutput(text=h)
 
-    def run_layers(self, h: Tensor, q_len: int, image: Tensor | None, mask: Tensor | None,
+    def run_layers(self, h: Tensor, q_len: int, layer_kv: list, mask: Tensor | None,
                    pasts: list) -> tuple[Tensor, KVCache]:
         cache = []
-        for layer, past in zip(self.layers, pasts):
+        for layer, image_kv, past in zip(self.layers, layer_kv, pasts):
             if self.gradient_checkpointing and self.training:
-                h, kv = checkpoint(layer, h, q_len, image, mask, past, use_reentrant=False)
+                h, kv = checkpoint(layer, h, q_len, image_kv, mask, past, use_reentrant=False)
             else:
-                h, kv = layer(h, q_len, image, mask, past)
+                h, kv = layer(h, q_len, image_kv, mask, past)
             cache.append(kv)
         return h, cache
 
-    def check_inputs(self, image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache) -> None:
+    def check_inputs(self, image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache,
+                     image_kv=None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if image_embeds is None and input_ids is None:
+        if image_embeds is not None and image_kv is not None:
+            raise ValueError("give image_embeds or their image_kv, not both")
+        has_image = image_embeds is not None or image_kv is not None
+        if not has_image and input_ids is None:
             raise ValueError("give image_embeds, input_ids, or both")
         if image_embeds is not None and (image_embeds.ndim != 3 or image_embeds.shape[-1] != self.vision_width):
             raise ValueError(f"image_embeds must be (B, N, {self.vision_width}), got {tuple(image_embeds.shape)}")
+        if image_kv is not None and len(image_kv.layers) != len(self.layers):
+            raise ValueError(f"image_kv has {len(image_kv.layers)} layers, the Q-Former {len(self.layers)}")
         if input_ids is not None:
             if input_ids.ndim != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
             if input_ids.shape[1] > self.embeddings.position_embeddings.num_embeddings:
                 raise ValueError(f"{input_ids.shape[1]} text tokens exceed max_position_embeddings "
                                  f"{self.embeddings.position_embeddings.num_embeddings}")
-            if image_embeds is not None and image_embeds.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"batch sizes differ: image {image_embeds.shape[0]}, text {input_ids.shape[0]}")
+            images = (image_embeds.shape[0] if image_embeds is not None
+                      else image_kv.batch_size if image_kv is not None else None)
+            if images is not None and images != input_ids.shape[0]:
+                raise ValueError(f"batch sizes differ: image {images}, text {input_ids.shape[0]}")
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask needs input_ids of the same (B, T) shape")
-        if return_query_cache and image_embeds is None:
+        if return_query_cache and not has_image:
             raise ValueError("return_query_cache needs image_embeds (the cache holds the query pass)")
         if query_cache is not None:
-            self.check_cache(image_embeds, input_ids, mode, query_cache)
+            self.check_cache(image_embeds if image_kv is None else image_kv, input_ids, mode, query_cache)
 
     def check_cache(self, image_embeds, input_ids, mode, query_cache) -> None:
         if mode != "causal":
