@@ -4,7 +4,8 @@ One unimodal pass computes the query outputs and the text [CLS] together: ITC re
 ITG reuses the queries' per-layer keys/values (the query slice is the same in the unimodal and
 multimodal-causal layouts), so the image side is never recomputed for ITG. ITM needs the
 bidirectional layout and runs its own pass over positives and hard negatives mined from the ITC
-similarities. Gathering across ranks is injected (``gather``), never called from here.
+similarities; the images' cross-attention keys/values (``QFormer.encode_image``) are projected once
+and shared by both passes (only negatives gathered from other ranks are projected again). Gathering across ranks is injected (``gather``), never called from here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvlm import losses as L
-from qvlm.models.qformer import QFormer
+from qvlm.models.qformer import ImageKV, QFormer
 
 Gather = Callable[[Tensor], Tensor]
 
@@ -79,7 +80,8 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
     (concatenated) batch, so averaging gradients over ranks gives the single-process update."""
     use = {k for k, w in weights.items() if w > 0}
     need_text = bool(use & {"itc", "itm"})
-    out = qformer(image_embeds=image_embeds, input_ids=input_ids if need_text else None,
+    image_kv = qformer.encode_image(image_embeds)  # the image side of cross-attention, once for all passes
+    out = qformer(image_kv=image_kv, input_ids=input_ids if need_text else None,
                   attention_mask=attention_mask if need_text else None, mode="unimodal",
                   return_query_cache="itg" in use)
     terms: dict[str, Tensor] = {}
@@ -90,7 +92,8 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
                          all_text_feat=gather(text_feat) if gather else None, rank=rank)
         terms["itc"], terms["itc_acc"] = itc.loss, (itc.i2t_acc + itc.t2i_acc) / 2
         if "itm" in use:
-            itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator)
+            itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator,
+                           image_kv=image_kv)
             terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
     if "itg" in use:
         ids = decoder_input_ids(input_ids, dec_token_id)
@@ -103,8 +106,10 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
 
 def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
              attention_mask: Tensor, itc, gather: Gather | None, rank: int,
-             generator: torch.Generator | None):
-    """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs."""
+             generator: torch.Generator | None, image_kv: ImageKV | None = None):
+    """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs.
+
+    ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), reused here."""
     b = image_embeds.shape[0]
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
     all_ids = gather(input_ids) if gather else input_ids  # (B*W, T*): padded to the longest rank
@@ -118,10 +123,15 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator)
     mine = slice(rank * b, (rank + 1) * b)
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
-    images = torch.cat([image_embeds, image_embeds, all_images[neg_image]])  # (3B, N, Dv)
+    image_kv = qformer.encode_image(image_embeds) if image_kv is None else image_kv
+    own = torch.arange(b, device=image_embeds.device)
+    if gather is None:  # one process: the negative images are ours too
+        pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3B, H, N, Dh)
+    else:
+        pair_kv = ImageKV.cat([image_kv.select(torch.cat([own, own])), qformer.encode_image(all_images[neg_image])])
     ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3B, T)
     mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
-    query = qformer(image_embeds=images, input_ids=ids, attention_mask=mask, mode="bidirectional").query
+    query = qformer(image_kv=pair_kv, input_ids=ids, attention_mask=mask, mode="bidirectional").query
     logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3B, Q, 2) -> (3B, 2)
     return L.itm_loss(logits, L.itm_labels(b).to(logits.device))
 
