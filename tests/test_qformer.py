@@ -287,3 +287,26 @@ def test_bad_query_cache_raises(qformer):
         qformer(input_ids=ids, mode="causal", query_cache=cache[:1])
     with pytest.raises(ValueError, match="batch"):
         qformer(input_ids=ids[:2], mode="causal", query_cache=cache)
+
+
+def test_image_position_embedding_is_a_no_op_at_init_and_learns(tiny_cfg):
+    from qvlm.models.vlm import VLM
+
+    plain = VLM.from_config(tiny_cfg)
+    tiny_cfg.model.qformer.image_pos_embed = True
+    posed = VLM.from_config(tiny_cfg)
+    n = posed.vision.num_tokens
+    assert posed.qformer.image_pos.shape == (1, n, posed.vision.width)
+    assert "image_pos" in [name for name, _ in posed.parameter_groups()["qformer"]]
+    posed.qformer.load_state_dict(plain.qformer.state_dict(), strict=False)
+    images = torch.randn(2, n, posed.vision.width)
+    posed.eval(), plain.eval()
+    q0 = plain.qformer(image_embeds=images).query
+    assert torch.allclose(posed.qformer(image_embeds=images).query, q0, atol=1e-6)  # zeros at init
+    posed.qformer(image_embeds=images).query.sum().backward()
+    assert posed.qformer.image_pos.grad.abs().sum() > 0
+    with torch.no_grad():
+        posed.qformer.image_pos.normal_()
+    assert not torch.allclose(posed.qformer(image_embeds=images).query, q0, atol=1e-3)
+    with pytest.raises(ValueError, match="image tokens"):
+        posed.qformer(image_embeds=images[:, 1:])

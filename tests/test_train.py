@@ -203,3 +203,17 @@ def test_saved_model_bundles_local_base_models_and_can_move(tmp_path):
     again = VLM.from_pretrained(tmp_path / "moved")
     assert again.vision.fingerprint() == model.vision.fingerprint()
     assert "base/vision" in (tmp_path / "moved" / "config.yaml").read_text()
+
+
+def test_tensorboard_events_hold_the_logged_losses(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny("train.max_steps=3", "train.tensorboard=true", "eval.max_samples=0"), tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert [v for _, v in logged] == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
+    assert "train/itc" in events.Tags()["scalars"] and "train/lr" in events.Tags()["scalars"]

@@ -53,6 +53,7 @@ class QFormerConfig:
     max_text_len: int = 32
     embed_dim: int = 256  # shared ITC space
     dropout: float = 0.1
+    image_pos_embed: bool = False  # a learned position embedding added to the image tokens
 
 
 @dataclass
@@ -139,6 +140,7 @@ class TrainConfig:
     freeze_qformer: bool = False
     gradient_checkpointing: bool = False
     dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
+    tensorboard: bool = False  # also write OUT/tensorboard/ event files (needs the tensorboard package)
 
 
 @dataclass

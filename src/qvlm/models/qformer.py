@@ -203,7 +203,7 @@ class QFormer(nn.Module):
     """
 
     def __init__(self, config, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
-                 dropout: float | None = None):
+                 dropout: float | None = None, image_tokens: int = 0):
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {config.position_embedding_type}")
@@ -215,6 +215,9 @@ class QFormer(nn.Module):
         self.embeddings = Embeddings(config, hidden)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))  # (1, Q, Dq)
         self.vision_norm = nn.LayerNorm(vision_width)
+        # Optional learned position embedding of the image tokens (image_tokens > 0): lets the
+        # queries tell where a token is even when the frozen tower's features do not say so.
+        self.image_pos = nn.Parameter(torch.zeros(1, image_tokens, vision_width)) if image_tokens else None
         self.layers = nn.ModuleList(
             Layer(config, vision_width, i % cross_attention_every == 0, hidden, attn)
             for i in range(config.num_hidden_layers)
@@ -248,7 +251,8 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_source(cls, source: str, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
-                    dropout: float | None = None, seed: int = 0, trust_remote_code: bool = False) -> QFormer:
+                    dropout: float | None = None, seed: int = 0, trust_remote_code: bool = False,
+                    image_tokens: int = 0) -> QFormer:
         """A Q-Former from a BERT source (hub id, dir, pkg:..., random:bert?...); new parts seeded by ``seed``."""
         from transformers import AutoModel
 
@@ -259,7 +263,7 @@ class QFormer(nn.Module):
             raise ValueError(f"Q-Former source {source!r}: {bert.config.model_type} offsets its positions; use a BERT")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout)
+            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout, image_tokens)
         model.load_bert_weights(bert)
         return model
 
@@ -322,7 +326,13 @@ class QFormer(nn.Module):
         """Frozen image features (B, N, Dv) -> every cross-attention layer's keys and values of
         ``vision_norm(image_embeds)`` (the norm's affine folded into the projections)."""
         norm = self.vision_norm
-        image = F.layer_norm(image_embeds.to(norm.weight.dtype), (self.vision_width,), eps=norm.eps)  # (B, N, Dv)
+        image = image_embeds.to(norm.weight.dtype)
+        if self.image_pos is not None:
+            if image.shape[1] != self.image_pos.shape[1]:
+                raise ValueError(f"{image.shape[1]} image tokens, but the image position embedding has "
+                                 f"{self.image_pos.shape[1]}")
+            image = image + self.image_pos  # (B, N, Dv)
+        image = F.layer_norm(image, (self.vision_width,), eps=norm.eps)  # (B, N, Dv)
         return ImageKV([None if layer.cross_attn is None else layer.cross_attn.image_kv(image, norm.weight, norm.bias)
                         for layer in self.layers])
 

@@ -96,6 +96,7 @@ class VisionEncoder(nn.Module):
         self.drop_cls = drop_cls
         self.source = source
         self._fingerprint: str | None = None
+        self._num_tokens: int | None = None
         self.tower.requires_grad_(False)
         self.tower.eval()
 
@@ -127,6 +128,14 @@ class VisionEncoder(nn.Module):
     @property
     def image_size(self) -> int:
         return self.processor.size
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the number of feature tokens per image (found with one forward pass on a blank image)."""
+        if self._num_tokens is None:
+            blank = torch.zeros(1, 3, self.image_size, self.image_size)
+            self._num_tokens = int(self.forward(blank).shape[1])
+        return self._num_tokens
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:

@@ -57,7 +57,7 @@ class VLM(nn.Module):
         qformer = QFormer.from_source(
             m.qformer.source, vision_width=vision.width, num_queries=m.qformer.num_queries,
             cross_attention_every=m.qformer.cross_attention_every, dropout=m.qformer.dropout,
-            seed=seed, trust_remote_code=trust,
+            seed=seed, trust_remote_code=trust, image_tokens=vision.num_tokens if m.qformer.image_pos_embed else 0,
         )
         projector = llm = None
         if with_llm:

@@ -33,6 +33,7 @@ from qvlm.models.vlm import VLM, read_blocks
 from qvlm.train import checkpoint as ckpt
 from qvlm.train import distributed as D
 from qvlm.train.batches import BatchStream, build_stream
+from qvlm.train.metrics_log import MetricsLog
 from qvlm.train.optim import build_optimizer, set_lr
 from qvlm.train.steps import step_losses
 
@@ -45,6 +46,7 @@ class NonFiniteLoss(RuntimeError):
 class RunState:
     step: int = 0
     best: dict = field(default_factory=dict)
+    log: MetricsLog | None = None
 
 
 def log(msg: str) -> None:
@@ -125,6 +127,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     state = RunState()
     if resume:
         state = restore(out, model, opt, stream, gen)
+    state.log = MetricsLog(out, cfg.train.tensorboard)
     autocast, bf16 = autocast_for(cfg, device)
     log(f"stage {cfg.train.stage}: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x "
         f"accum {cfg.train.grad_accum} x {D.world_size()} processes, bf16 autocast {'on' if bf16 else 'off'}, "
@@ -139,13 +142,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         state.step += 1
         record = {"step": state.step, "lr": lr, **terms,
                   "samples_per_s": global_batch(cfg) / (time.perf_counter() - t0)}
-        write_metrics(out, record)
+        state.log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.3f}")
         periodic(cfg, out, model, opt, stream, gen, state, eval_fn)
         if stop_at_step is not None and state.step >= stop_at_step and state.step < cfg.train.max_steps:
             save(cfg, out, model, opt, stream, gen, state)
             bar.close()
+            state.log.close()
             return {"step": state.step, "stopped": True}
     bar.close()
     return finish(cfg, out, model, opt, stream, gen, state, eval_fn)
@@ -191,7 +195,7 @@ def run_eval(cfg, out, model: VLM, state: RunState, eval_fn) -> dict:
     with torch.no_grad():
         metrics = eval_fn(model, cfg)
     model.train()
-    write_metrics(out, {"step": state.step, "eval": metrics})
+    state.log.write({"step": state.step, "eval": metrics})
     key = metrics.get("primary")
     if key is not None and (not state.best or metrics[key] > state.best["value"]):
         state.best = {"step": state.step, "metric": key, "value": metrics[key]}
@@ -256,13 +260,6 @@ def finish(cfg, out, model: VLM, opt, stream, gen, state: RunState, eval_fn) -> 
     if D.rank() == 0:
         model.save_pretrained(out / "model")
         log(f"saved the final model to {out / 'model'}; data: {stream.summary()}")
+    state.log.close()
     D.barrier()  # no rank returns before the model is on disk
     return {"step": state.step, "eval": metrics, "best": state.best}
-
-
-def write_metrics(out: Path, record: dict) -> None:
-    if D.rank() != 0:
-        return
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(clean) + "\n")
