@@ -19,7 +19,7 @@ from conftest import ROOT  # noqa: E402
 from qvlm.serve.app import create_app, serve_in_thread  # noqa: E402
 from qvlm.serve.engine import Engine  # noqa: E402
 from qvlm.serve.schemas import Limits  # noqa: E402
-from serve_helpers import API_KEY, chat_body, png  # noqa: E402
+from serve_helpers import API_KEY, chat_body  # noqa: E402
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 MODEL = "tiny-vlm"

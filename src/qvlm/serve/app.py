@@ -33,8 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qvlm.serve.batcher import Batcher, Job, QueueFull
 from qvlm.serve.engine import Engine, Work, sampling_key
-from qvlm.serve.schemas import APIError, bad, chunk, completion, completion_id, error_body, model_card, \
-    parse_chat_request, usage
+from qvlm.serve.schemas import (APIError, bad, chunk, completion, completion_id, error_body, model_card,
+                                parse_chat_request, usage)
 
 API_KEY_ENV = "QVLM_API_KEY"
 PREPARE_CONCURRENCY = 4  # requests decoding images / tokenising at once (CPU work off the event loop)
