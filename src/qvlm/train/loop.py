@@ -35,6 +35,7 @@ from qvlm.train import distributed as D
 from qvlm.train.batches import BatchStream, build_stream
 from qvlm.train.metrics_log import MetricsLog
 from qvlm.train.optim import build_optimizer, set_lr
+from qvlm.train.speed import apply_speed_options
 from qvlm.train.steps import step_losses
 
 
@@ -117,6 +118,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         save_config(cfg, out / "config.yaml")
     model = build_model(cfg).to(device)
     model.train()
+    apply_speed_options(model, cfg.train)  # gradient checkpointing, torch.compile
     opt, counts = build_optimizer(model.parameter_groups(), cfg.train)
     log(f"trainable parameters by group: {json.dumps(counts)}; all: {json.dumps(model.parameter_counts())}")
     stream = build_stream(cfg, model, split="train")
