@@ -219,6 +219,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Speed benchmarks with their references in the same run (benchmarks/RESULTS.md)."""
+    import torch
+
+    from qvlm.bench import run_bench
+    from qvlm.bench.report import table, to_json
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (this torch: "
+                         f"{torch.__version__}); use --device cpu")
+    if args.batch_search < 0:
+        raise UsageError(f"--batch-search must be >= 0, got {args.batch_search}")
+    report = run_bench(quick=args.quick, device=device, precision=args.precision, plan=args.plan,
+                       batch_search=args.batch_search)
+    print(to_json(report) if args.json else table(report), flush=True)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from qvlm.serve.app import API_KEY_ENV, create_app, serve
@@ -278,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed benchmarks against references, measured in the same run")
+    p.add_argument("--quick", action="store_true", help="few repeats, small batches (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (rows, ratios, notes)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast where the hardware has it (as train.precision)")
+    p.add_argument("--batch-search", type=int, default=0, metavar="MAX",
+                   help="train steps at real shapes use the largest power-of-two batch up to MAX that fits (GPUs)")
+    p.add_argument("--plan", choices=["quick", "full", "smoke"], default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("smoke", help="build every block from a config and run one forward + one LLM answer")
     add_config_args(p)

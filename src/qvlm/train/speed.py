@@ -20,8 +20,21 @@ def apply_speed_options(model, train: TrainConfig) -> list[str]:
     if train.gradient_checkpointing:
         on.append("gradient_checkpointing")
         if model.llm is not None:
-            model.llm.base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_llm_checkpointing(model.llm.base_model(), True)
     if train.compile:
         model.qformer.compile()
         on.append("compile")
     return on
+
+
+def set_llm_checkpointing(hf_model, on: bool) -> None:
+    """Activation checkpointing of a transformers model on or off (non-reentrant), under whichever
+    name the installed transformers has (``activation_checkpointing_*`` from v5, else ``gradient_*``)."""
+    if on:
+        if hasattr(hf_model, "activation_checkpointing_enable"):
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(hf_model, "activation_checkpointing_disable", None) or hf_model.gradient_checkpointing_disable
+        disable()

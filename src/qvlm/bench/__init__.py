@@ -1,0 +1,254 @@
+"""``qvlm bench``: speed benchmarks with their references measured in the same run, on the same shapes.
+
+Sections (each a module here): the Q-Former forward + backward against ``transformers``'
+``Blip2QFormerModel`` (``qformer_ref``); the stage-1 step from cached features vs from image files,
+fused vs LAVIS-style passes, padding, and the speed options (``stage1``); the stage-2 step
+(``stage2``); caption generation with and without the KV cache (``generation``). Model FLOPs and MFU
+come from ``flops``, timing and memory from ``timing``, the table and JSON from ``report``.
+
+``run_bench(quick=..., device=..., precision=...)`` returns the report dict; its ``ratios`` hold
+``qformer_vs_hf_blip2``, ``cached_vs_pixels_stage1`` and ``kv_cache_generation`` (ours faster by).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qvlm.bench.shapes import SHAPES, Shapes
+
+__all__ = ["run_bench", "PLANS"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to run: repeats, batch sizes per benchmark, which optional rows."""
+
+    repeats: int
+    warmup: int
+    qformer_batch: int
+    stage1_batch: int  # real shapes (ViT-B/16)
+    vitl_batch: int
+    demo_stage1_batch: int
+    stage2_batch: int
+    demo_stage2_batch: int
+    gen_batch: int
+    gen_tokens: int
+    gen_demo: bool  # also generate at demo shapes
+    options: bool  # checkpointing, AdamW variants, DataLoader workers
+    compile: bool  # torch.compile on/off (minutes of compilation on CPU)
+    real: str = "real"  # shape names used for the real / ViT-L / demo roles
+    vitl: str = "vitl14"
+    demo: str = "demo"
+
+
+PLANS = {
+    "quick": Plan(repeats=3, warmup=1, qformer_batch=4, stage1_batch=2, vitl_batch=2, demo_stage1_batch=8,
+                  stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=8, gen_demo=False, options=False,
+                  compile=False),
+    "full": Plan(repeats=5, warmup=1, qformer_batch=8, stage1_batch=8, vitl_batch=4, demo_stage1_batch=32,
+                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=24, gen_demo=True, options=True,
+                 compile=True),
+    # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
+    "smoke": Plan(repeats=1, warmup=0, qformer_batch=2, stage1_batch=2, vitl_batch=2, demo_stage1_batch=2,
+                  stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2, gen_demo=True, options=True,
+                  compile=False, real="smoke", vitl="smoke", demo="smoke"),
+}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def load_avg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", plan: str | None = None,
+              batch_search: int = 0, work_dir: str | None = None, progress: bool = True) -> dict:
+    """Run every section and return the report (rows, ratios, findings, notes, run details)."""
+    from qvlm.bench import flops as FL
+    from qvlm.bench.harness import Bench
+
+    name = plan or ("quick" if quick else "full")
+    p = PLANS[name]
+    dev = torch.device(device)
+    start = time.perf_counter()
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
+              "device_type": dev.type, "threads": torch.get_num_threads(), "quick": quick, "plan": name,
+              "repeats": p.repeats, "warmup": p.warmup, "torch": torch.__version__,
+              "load_avg_start": load_avg(), "ratios": {}, "findings": {}}
+    peak = FL.peak_bf16_flops(report["device"]) if dev.type == "cuda" else None
+    report["peak_bf16_flops"] = peak
+    with tempfile.TemporaryDirectory(dir=work_dir) as work:
+        bench = Bench(dev, precision, p.repeats, p.warmup, Path(work), quick=quick)
+        report["precision"] = bench.precision_label
+        sections = [
+            ("Q-Former vs transformers Blip2QFormerModel", lambda: section_qformer(bench, p, report)),
+            ("stage 1", lambda: section_stage1(bench, p, report, peak, batch_search)),
+            ("stage 2", lambda: section_stage2(bench, p, report, peak, batch_search)),
+            ("generation", lambda: section_generation(bench, p, report)),
+        ]
+        for title, run in sections:
+            t0 = time.perf_counter()
+            say(progress, f"bench: {title} ...")
+            try:
+                run()
+            except Exception as exc:  # noqa: BLE001 - one failed section must not hide the others
+                bench.notes.append(f"{title} failed: {type(exc).__name__}: {exc}")
+                if os.environ.get("QVLM_DEBUG"):
+                    traceback.print_exc()
+            say(progress, f"bench: {title} done in {time.perf_counter() - t0:.0f} s")
+        report["rows"], report["notes"] = bench.rows, bench.notes
+    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
+        report["ratios"].setdefault(key, None)
+    report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}
+    report["load_avg_end"] = load_avg()
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def shapes_of(p: Plan, role: str) -> Shapes:
+    return SHAPES[getattr(p, role)]
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+def section_qformer(bench, p: Plan, report: dict) -> None:
+    from qvlm.bench.harness import row
+    from qvlm.bench.qformer_ref import build_pair, comparable_params, fwd_bwd
+
+    real = shapes_of(p, "real")
+    if real.name == "smoke":
+        dims = dict(hidden=32, layers=2, heads=2, intermediate=64, vision_width=32, queries=4)
+        tokens = 17
+    else:
+        dims = dict(hidden=768, layers=12, heads=12, intermediate=3072, vision_width=768, queries=32)
+        tokens = 197  # ViT-B/16 at 224 px
+    modules = {k: m.to(bench.device) for k, m in build_pair(**dims).items()}
+    counts = {k: comparable_params(m) for k, m in modules.items()}
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(p.qformer_batch, tokens, dims["vision_width"], generator=g).to(bench.device)
+    probe = torch.randn(dims["queries"], dims["hidden"], generator=g).to(bench.device)
+    variants = {k: (lambda m=m: fwd_bwd(m, image, probe, bench.autocast())) for k, m in modules.items()}
+    timings = bench.time(variants)
+    label = (f"{dims['layers']} layers, width {dims['hidden']}, {dims['heads']} heads, FFN {dims['intermediate']}, "
+             f"cross-attn every 2, Dv {dims['vision_width']}")
+    names = {"ours": "ours (qvlm QFormer, SDPA)", "hf_sdpa": "transformers Blip2QFormerModel, sdpa",
+             "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)"}
+    for key, timing in timings.items():
+        mem = bench.memory(variants[key])
+        row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, p.qformer_batch,
+            f"Q={dims['queries']} N={tokens}", timing, mem, note=f"{counts[key] / 1e6:.2f}M params compared")
+    ours = timings["ours"].median
+    report["ratios"]["qformer_vs_hf_blip2"] = timings["hf_sdpa"].median / ours
+    report["ratios"]["qformer_vs_hf_blip2_eager"] = timings["hf_eager"].median / ours
+    report["ratios"]["hf_sdpa_vs_eager"] = timings["hf_eager"].median / timings["hf_sdpa"].median
+    report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
+    del modules
+
+
+def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> None:
+    from qvlm.bench import stage1 as S1
+    from qvlm.bench.harness import SceneFiles, build_trainer, fixed_stage1_batch
+
+    real, vitl, demo = shapes_of(p, "real"), shapes_of(p, "vitl"), shapes_of(p, "demo")
+    r = report["ratios"]
+    batch = p.stage1_batch
+    if batch_search:
+        batch = stage1_batch_search(bench, real, batch, batch_search)
+    r["cached_vs_pixels_stage1"] = S1.cached_vs_pixels(bench, real, batch, peak)
+    r["cached_vs_pixels_stage1_vitl14"] = S1.cached_vs_pixels(bench, vitl, p.vitl_batch, peak)
+    r["cached_vs_pixels_stage1_demo"] = S1.cached_vs_pixels(bench, demo, p.demo_stage1_batch, peak)
+    trainer = build_trainer(real, bench, stage=1, batch_size=batch)
+    files = SceneFiles(bench.work, real.image_size, 2 * batch)
+    fixed = fixed_stage1_batch(trainer, files, batch)
+    r["fused_vs_lavis_passes_stage1"] = S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak)
+    r["dynamic_vs_max_padding_stage1"] = S1.dynamic_padding(bench, trainer, fixed, real.label)
+    grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
+    report["findings"]["length_grouping_padding_saved"] = grouping["saving"]
+    if not p.options:
+        bench.notes.append("--quick: gradient checkpointing, torch.compile, AdamW variants and DataLoader workers "
+                           "are measured by the full run only")
+        return
+    ck = S1.checkpointing(bench, trainer, fixed, real.label)
+    report["findings"]["stage1_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
+                                                  f"{ck['mem_saving_mb']:.0f} MiB lower")
+    opt = S1.adamw(bench, trainer, real.label)
+    r["fused_vs_foreach_adamw"] = opt["foreach"] / opt["fused"]
+    r["workers_pixels_stage1"] = (lambda w: w[0] / w[2])(S1.workers(bench, trainer, files, batch, real.label))
+    del trainer, fixed
+    if not p.compile:
+        return
+    comp = S1.compiled(bench, real, batch, files)
+    if comp.get("ok"):
+        r["compile_stage1"] = comp["speedup"]
+        report["findings"]["compile_seconds"] = round(comp["compile_s"], 1)
+
+
+def stage1_batch_search(bench, shapes: Shapes, start: int, largest: int) -> int:
+    """The largest power-of-two stage-1 batch (cached features) that runs, for GPUs."""
+    from qvlm.bench.harness import SceneFiles, build_trainer, fixed_stage1_batch
+
+    trainer = build_trainer(shapes, bench, stage=1, batch_size=start)
+    files = SceneFiles(bench.work, shapes.image_size, largest)
+    best, size = start, start
+    while size <= largest:
+        try:
+            batch = fixed_stage1_batch(trainer, files, size)
+            for _ in range(2):
+                trainer.step(batch)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            trainer.opt.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        best, size = size, size * 2
+    bench.notes.append(f"stage-1 batch {best}: the largest power of two that fits (tried up to {largest})")
+    del trainer
+    return best
+
+
+def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> None:
+    from qvlm.bench.stage2 import bench_stage2
+
+    bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch, peak)
+    out = bench_stage2(bench, shapes_of(p, "real"), p.stage2_batch, peak, with_checkpointing=p.options,
+                       batch_search=batch_search)
+    if "checkpointing" in out:
+        ck = out["checkpointing"]
+        report["findings"]["stage2_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
+                                                      f"{ck['mem_saving_mb']:.0f} MiB lower")
+    step = out["step"]
+    if step.get("mfu") is not None:
+        report["findings"]["stage2_mfu"] = step["mfu"]
+
+
+def section_generation(bench, p: Plan, report: dict) -> None:
+    from qvlm.bench.generation import bench_generation
+
+    ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens)
+    report["ratios"]["kv_cache_generation"] = ratios["latency"]
+    report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
+    if p.gen_demo and p.demo != p.real:
+        bench_generation(bench, shapes_of(p, "demo"), p.gen_batch, p.gen_tokens)

@@ -1,0 +1,89 @@
+"""The benchmark report: one JSON object, or a plain-text table grouped by benchmark."""
+
+from __future__ import annotations
+
+import json
+
+RATIO_GOALS = {"qformer_vs_hf_blip2": 1.2, "cached_vs_pixels_stage1": 1.5}
+RATIO_MEANING = {
+    "qformer_vs_hf_blip2": "Q-Former fwd+bwd: transformers Blip2QFormerModel (SDPA) time / ours",
+    "qformer_vs_hf_blip2_eager": "Q-Former fwd+bwd: Blip2QFormerModel with eager (hand-rolled softmax) attention / ours",
+    "hf_sdpa_vs_eager": "Blip2QFormerModel eager attention / SDPA attention",
+    "cached_vs_pixels_stage1": "stage-1 step at ViT-B/16-224: from image files / from cached features",
+    "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",
+    "cached_vs_pixels_stage1_demo": "stage-1 step at demo shapes: from image files / from cached features",
+    "fused_vs_lavis_passes_stage1": "stage-1 step: LAVIS-style separate passes / our fused passes",
+    "dynamic_vs_max_padding_stage1": "stage-1 step: padded to max_text_len / padded to the longest caption",
+    "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
+    "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
+    "compile_stage1": "stage-1 step: eager / torch.compile'd Q-Former",
+    "fused_vs_foreach_adamw": "AdamW step: foreach / fused",
+    "workers_pixels_stage1": "stage-1 step from image files: 0 DataLoader workers / 2 workers",
+}
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, default=float)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def throughput(r: dict) -> str:
+    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s"), ("params_per_s", "params/s")):
+        if key in r:
+            value = r[key]
+            text = f"{value / 1e6:.0f}M {unit}" if key == "params_per_s" else f"{value:.2f} {unit}"
+            return text + (f", {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
+    return "-"
+
+
+def memory(r: dict) -> str:
+    if "peak_mem_mb" not in r:
+        return "-"
+    return f"{r['peak_mem_mb']:.0f} (+{r['mem_growth_mb']:.0f})"
+
+
+def table(report: dict) -> str:
+    """Rows grouped by benchmark, then the ratios and notes."""
+    head = (f"qvlm bench on {report['device']} ({report['threads']} threads), {report['precision']}, "
+            f"{'--quick' if report['quick'] else 'full'}; median of {report['repeats']} timed runs after "
+            f"{report['warmup']} warm-up, variants interleaved; load average {report['load_avg_start']} at start, "
+            f"{report['load_avg_end']} at end")
+    mem_kind = next((r["mem_kind"] for r in report["rows"] if "mem_kind" in r), "-")
+    lines = [head, f"memory: MiB, {mem_kind} (+ growth during the measured call)", ""]
+    columns = ("name", "shapes", "B", "seq", "precision", "ms", "±", "throughput", "memory", "TFLOP/s", "MFU", "note")
+    groups: dict[str, list[dict]] = {}
+    for r in report["rows"]:
+        groups.setdefault(r["group"], []).append(r)
+    for group, rows in groups.items():
+        cells = [columns] + [(r["name"], r["shapes"], str(r["batch"]), r["seq"], r["precision"], fmt(r["ms"]),
+                              f"{100 * r['spread']:.0f}%", throughput(r), memory(r),
+                              fmt(r.get("achieved_tflop_s"), 3),
+                              "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", r.get("note", ""))
+                             for r in rows]
+        widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+        lines.append(f"== {group} ==")
+        for c in cells:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+        lines.append("")
+    lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins):")
+    for key, value in report["ratios"].items():
+        goal = RATIO_GOALS.get(key)
+        if value is None:
+            lines.append(f"  {key:<34}      -  (not measured: see notes)")
+            continue
+        verdict = "" if goal is None else f"  goal >= {goal}: {'met' if value >= goal else 'NOT met'}"
+        lines.append(f"  {key:<34} {value:6.2f}  ({RATIO_MEANING.get(key, '')}){verdict}")
+    for key, value in report.get("findings", {}).items():
+        lines.append(f"  {key:<34} {value}")
+    if report["notes"]:
+        lines.append("notes:")
+        lines += [f"  - {n}" for n in report["notes"]]
+    lines.append(f"wall time {report['wall_s']:.0f} s")
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Stage-2 train-step benchmarks: Q-Former query path -> projector -> LLM with LoRA, next-token loss
+on the assistant tokens (``qvlm.train.steps.stage2_losses``), backward, clip, AdamW.
+
+Batches are built by the stage-2 collator from synthetic scenes (system prompt, user prompt with
+the Q image slots, caption, chat template); the frozen features are computed before timing (the
+cached-feature path). Also: gradient checkpointing on/off, and the largest batch that fits
+(``find_batch``, for GPUs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qvlm import losses as L
+from qvlm.bench import flops as FL
+from qvlm.bench.harness import Bench, SceneFiles, Trainer, build_trainer, row, to_device
+from qvlm.bench.shapes import Shapes
+
+GROUP = "stage-2 train step"
+
+
+def stage2_batch(trainer: Trainer, files: SceneFiles, batch_size: int) -> dict:
+    """A collated stage-2 batch with ``image_embeds`` (frozen features computed here), on the device."""
+    from qvlm.data.collate_stage2 import Stage2Collator
+    from qvlm.train.batches import STAGE2_PROMPT_BUDGET
+
+    cfg, model = trainer.cfg, trainer.model
+    q = cfg.model.qformer.num_queries
+    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q, cfg.model.llm,
+                             max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q, seed=0)
+    dataset = files.dataset(decode=True)
+    batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
+    with torch.no_grad(), trainer.bench.autocast():
+        batch["image_embeds"] = model.vision(batch.pop("pixel_values").to(trainer.bench.device)).float()
+    return to_device(batch, trainer.bench.device)
+
+
+def seq_label(trainer: Trainer, batch: dict) -> str:
+    supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
+    return (f"T={batch['input_ids'].shape[1]} (Q={trainer.model.qformer.num_queries} image slots, "
+            f"{supervised} supervised tokens) N={batch['image_embeds'].shape[1]}")
+
+
+def flops_of(trainer: Trainer, batch: dict) -> int:
+    b, t = batch["input_ids"].shape
+    supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
+    return FL.step_flops(FL.stage2_groups(trainer.model, b, t, supervised, batch["image_embeds"].shape[1]))
+
+
+def step_rows(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None,
+              name: str = "from cached features", note: str = ""):
+    timing = bench.time({name: lambda: trainer.step(batch)})[name]
+    mem = bench.memory(lambda: trainer.step(batch))
+    b = batch["input_ids"].shape[0]
+    tokens = int(batch["attention_mask"].sum())
+    out = row(bench, GROUP, name, label, b, seq_label(trainer, batch), timing, mem, flops_of(trainer, batch), peak,
+              note=note)
+    out["tokens_per_s"] = round(tokens / timing.median, 1)
+    return out
+
+
+def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> dict:
+    """Gradient checkpointing of the Q-Former and the LLM off vs on (time and memory)."""
+    from qvlm.train.speed import set_llm_checkpointing
+
+    def set_flag(on: bool) -> None:
+        trainer.model.qformer.gradient_checkpointing = on
+        set_llm_checkpointing(trainer.model.llm.base_model(), on)
+
+    def run(on: bool):
+        def go():
+            set_flag(on)
+            trainer.step(batch)
+        return go
+
+    timings = bench.time({"off": run(False), "on": run(True)})
+    mems = {k: bench.memory(run(k == "on")) for k in ("off", "on")}
+    set_flag(False)
+    b = batch["input_ids"].shape[0]
+    for k in ("off", "on"):
+        row(bench, GROUP, f"gradient checkpointing {k} (Q-Former + LLM)", label, b, seq_label(trainer, batch),
+            timings[k], mems[k])
+    return {"time_ratio": timings["on"].median / timings["off"].median,
+            "mem_saving_mb": mems["off"].growth_mb - mems["on"].growth_mb}
+
+
+def fits(trainer: Trainer, files: SceneFiles, batch_size: int) -> bool:
+    """Whether two steps at ``batch_size`` run without running out of device memory."""
+    try:
+        batch = stage2_batch(trainer, files, batch_size)
+        for _ in range(2):
+            trainer.step(batch)
+        return True
+    except torch.OutOfMemoryError:
+        trainer.opt.zero_grad(set_to_none=True)
+        return False
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) -> int:
+    """The largest power-of-two batch from ``start`` up to ``largest`` that fits (``start`` if none is
+    tried successfully)."""
+    best, size = start, start
+    while size <= largest and fits(trainer, files, size):
+        best, size = size, size * 2
+    return best
+
+
+def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | None,
+                 with_checkpointing: bool = False, batch_search: int = 0) -> dict:
+    trainer = build_trainer(shapes, bench, stage=2, batch_size=batch_size)
+    note = ""
+    if batch_search:
+        files = SceneFiles(bench.work, shapes.image_size, batch_search)
+        batch_size = find_batch(trainer, files, batch_size, batch_search)
+        note = f"largest power-of-two batch that fits (tried up to {batch_search})"
+    files = SceneFiles(bench.work, shapes.image_size, max(batch_size, 8))
+    batch = stage2_batch(trainer, files, batch_size)
+    out = {"step": step_rows(bench, trainer, batch, shapes.label, peak, note=note)}
+    if with_checkpointing:
+        out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
+    return out

@@ -1,0 +1,140 @@
+"""Timing and memory for the benchmarks: interleaved median-of-repeats timing and peak memory.
+
+``time_interleaved`` runs each variant once per round (after untimed warm-up rounds), so noise from
+other jobs on a shared machine hits every variant alike; a variant's time is the median of its
+rounds. ``PeakMemory`` measures one block: on CUDA ``torch.cuda.max_memory_allocated`` (tensors
+only), on CPU the process's resident set size sampled every millisecond by a thread (everything
+the process holds: weights, optimiser state, activations, the allocator's cache, Python itself).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)  # one per timed round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the timed rounds: how noisy the measurement was."""
+        return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """Wait for queued device work (CUDA kernels run asynchronously); nothing to wait for on CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                     clock: Clock = time.perf_counter, sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
+    each round calling every variant once, in order."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    timings = {name: Timing() for name in variants}
+    for round_ in range(warmup + repeats):
+        for name, fn in variants.items():
+            sync()
+            start = clock()
+            fn()
+            sync()
+            if round_ >= warmup:
+                timings[name].seconds.append(clock() - start)
+    return timings
+
+
+def time_one(fn: Callable[[], object], repeats: int, warmup: int = 1, clock: Clock = time.perf_counter,
+             sync: Callable[[], None] = lambda: None) -> Timing:
+    return time_interleaved({"x": fn}, repeats, warmup, clock, sync)["x"]
+
+
+# ---- memory -----------------------------------------------------------------------------------
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so RSS reflects live memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_mb`` (highest during the block) and
+    ``m.growth_mb`` (peak minus the level at entry). ``m.kind`` names what was measured."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001):
+        self.device, self.interval_s = device, interval_s
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (sampled 1 ms)"
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        release_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = self.peak = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def measure_memory(fn: Callable[[], object], device: torch.device) -> PeakMemory:
+    """Peak memory of one call of ``fn`` (run it once untimed before, so lazy state already exists)."""
+    with PeakMemory(device) as mem:
+        fn()
+    return mem

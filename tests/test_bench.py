@@ -1,0 +1,143 @@
+"""qvlm bench: the timer, the FLOP formula, fair references, and the report's shape. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qvlm.bench import flops as FL
+from qvlm.bench.timing import Timing, time_interleaved
+
+
+class FakeClock:
+    """Time stands still unless a variant advances it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_interleaved_alternates_variants_and_takes_the_median():
+    clock, order = FakeClock(), []
+    costs = {"a": iter([100.0, 1.0, 3.0, 2.0]), "b": iter([50.0, 10.0, 30.0, 20.0])}
+
+    def variant(name):
+        def run():
+            order.append(name)
+            clock.now += next(costs[name])
+        return run
+
+    timings = time_interleaved({"a": variant("a"), "b": variant("b")}, repeats=3, warmup=1, clock=clock)
+    assert order == ["a", "b"] * 4  # interleaved, warm-up round included
+    assert timings["a"].seconds == [1.0, 3.0, 2.0] and timings["a"].median == 2.0  # warm-up dropped
+    assert timings["b"].median == 20.0
+    assert Timing([1.0, 3.0, 2.0]).spread == 1.0
+    with pytest.raises(ValueError):
+        time_interleaved({"a": variant("a")}, repeats=0)
+
+
+def test_flops_multipliers_and_mfu_on_hand_numbers():
+    trained = FL.MatmulGroup("w", params=10, tokens=3, trained=True, input_grad=True)
+    through = FL.MatmulGroup("frozen, backprop", params=10, tokens=3, trained=False, input_grad=True)
+    forward = FL.MatmulGroup("frozen, forward only", params=10, tokens=3, trained=False, input_grad=False)
+    assert (trained.flops, through.flops, forward.flops) == (180, 120, 60)  # 6x, 4x, 2x params x tokens
+    assert FL.step_flops([trained, through, forward]) == 360
+    assert FL.mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
+    assert FL.mfu(1e12, 0.5, None) is None
+    assert FL.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert FL.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert FL.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert FL.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert FL.peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_qformer_parameter_groups_by_hand():
+    from transformers import BertConfig
+
+    from qvlm.models.qformer import QFormer
+
+    qf = QFormer(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+                 vision_width=24, num_queries=4)  # cross-attention in layer 0 only
+    p = FL.QFormerParams.of(qf)
+    assert (p.self_attn, p.query_ffn, p.text_ffn) == (2 * 4 * 32 * 32, 2 * 2 * 32 * 64, 2 * 2 * 32 * 64)
+    assert (p.cross_q_o, p.cross_kv) == (2 * 32 * 32, 2 * 24 * 32)
+    groups = FL.qformer_groups(p, "x", images=3, queries=4, texts=3, text_len=5, image_tokens=7, encode_images=3)
+    flops = {g.name: g.flops for g in groups}
+    assert flops["x self-attention"] == 6 * p.self_attn * (12 + 15)
+    assert flops["x image K/V"] == 4 * p.cross_kv * 21  # trained weights, no gradient into frozen features
+
+
+def test_hf_reference_has_our_parameter_count_and_runs():
+    from qvlm.bench.qformer_ref import build_pair, comparable_params, fwd_bwd, query_outputs
+
+    modules = build_pair(hidden=32, layers=4, heads=2, intermediate=64, vision_width=24, queries=4)
+    counts = {k: comparable_params(m) for k, m in modules.items()}
+    assert counts["ours"] == counts["hf_sdpa"] == counts["hf_eager"]
+    assert modules["hf_eager"].attn_implementation == "eager" and modules["hf_sdpa"].attn_implementation == "sdpa"
+    image = torch.randn(2, 5, 24)
+    for m in modules.values():
+        assert query_outputs(m, image).shape == (2, 4, 32)
+        fwd_bwd(m, image, torch.randn(4, 32), torch.autocast("cpu", enabled=False))
+
+
+def test_fused_stage1_step_equals_the_lavis_style_passes(tiny_cfg):
+    """Our fused passes + shared image keys/values give the losses of the separate passes."""
+    from qvlm.bench.stage1 import stage1_losses_unfused
+    from qvlm.models.vlm import VLM
+    from qvlm.train.steps import step_losses
+
+    tiny_cfg.model.qformer.dropout = 0.0
+    model = VLM.from_config(tiny_cfg).train()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (4, 9), generator=g)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    batch = {"image_embeds": torch.randn(4, 17, 32, generator=g), "input_ids": ids, "attention_mask": mask}
+    fused = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    plain = stage1_losses_unfused(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    for key in ("itc", "itm", "itg", "loss"):
+        assert torch.allclose(fused[key], plain[key], atol=1e-5), key
+    fused["loss"].backward()
+    grad = model.qformer.layers[0].cross_attn.key.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
+    """The whole bench at tiny shapes through the CLI: one JSON object with positive ratios."""
+    from qvlm.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster and steadier on a shared machine
+    try:
+        assert main(["bench", "--plan", "smoke", "--json", "--device", "cpu", "--precision", "fp32"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(capsys.readouterr().out)
+    assert report["notes"] == [n for n in report["notes"] if "failed" not in n], report["notes"]
+    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
+        assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
+    groups = {r["group"] for r in report["rows"]}
+    assert {"stage-1 train step", "stage-2 train step", "caption generation"} <= groups
+    for r in report["rows"]:
+        assert r["ms"] > 0 and r["batch"] >= 0 and r["precision"] == "fp32"
+    stage2 = [r for r in report["rows"] if r["group"] == "stage-2 train step" and r["name"] == "from cached features"]
+    assert len(stage2) == 2  # demo and real roles
+    assert all(r["model_tflop_per_step"] > 0 and "peak_mem_mb" in r for r in stage2)
+
+
+@pytest.mark.parametrize("argv", [["bench", "--batch-search", "-1"], ["bench", "--precision", "fp16"]])
+def test_bench_bad_usage_exits_2(argv):
+    from qvlm.cli import main
+
+    assert main(argv) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bench_on_cuda_without_cuda_exits_2():
+    from qvlm.cli import main
+
+    assert main(["bench", "--device", "cuda"]) == 2
