@@ -44,6 +44,7 @@ class Plan:
     gen_batch: int
     gen_tokens: int
     gen_demo: bool  # also generate at demo shapes
+    structure: bool  # fused vs LAVIS-style passes, dynamic padding vs pad-to-max
     options: bool  # checkpointing, AdamW variants, DataLoader workers
     compile: bool  # torch.compile on/off (minutes of compilation on CPU)
     real: str = "real"  # shape names used for the real / ViT-L / demo roles
@@ -53,14 +54,14 @@ class Plan:
 
 PLANS = {
     "quick": Plan(repeats=3, warmup=1, qformer_batch=4, stage1_batch=2, vitl_batch=2, demo_stage1_batch=8,
-                  stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=8, gen_demo=False, options=False,
+                  stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=8, gen_demo=False, structure=False, options=False,
                   compile=False),
     "full": Plan(repeats=5, warmup=1, qformer_batch=8, stage1_batch=8, vitl_batch=4, demo_stage1_batch=32,
-                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=24, gen_demo=True, options=True,
+                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=24, gen_demo=True, structure=True, options=True,
                  compile=True),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
     "smoke": Plan(repeats=1, warmup=0, qformer_batch=2, stage1_batch=2, vitl_batch=2, demo_stage1_batch=2,
-                  stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2, gen_demo=True, options=True,
+                  stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2, gen_demo=True, structure=True, options=True,
                   compile=False, real="smoke", vitl="smoke", demo="smoke"),
 }
 
@@ -156,9 +157,8 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     names = {"ours": "ours (qvlm QFormer, SDPA)", "hf_sdpa": "transformers Blip2QFormerModel, sdpa",
              "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)"}
     for key, timing in timings.items():
-        mem = bench.memory(variants[key])
         row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, p.qformer_batch,
-            f"Q={dims['queries']} N={tokens}", timing, mem, note=f"{counts[key] / 1e6:.2f}M params compared")
+            f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key] / 1e6:.2f}M params compared")
     ours = timings["ours"].median
     report["ratios"]["qformer_vs_hf_blip2"] = timings["hf_sdpa"].median / ours
     report["ratios"]["qformer_vs_hf_blip2_eager"] = timings["hf_eager"].median / ours
@@ -179,16 +179,18 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     r["cached_vs_pixels_stage1"] = S1.cached_vs_pixels(bench, real, batch, peak)
     r["cached_vs_pixels_stage1_vitl14"] = S1.cached_vs_pixels(bench, vitl, p.vitl_batch, peak)
     r["cached_vs_pixels_stage1_demo"] = S1.cached_vs_pixels(bench, demo, p.demo_stage1_batch, peak)
+    grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
+    report["findings"]["length_grouping_padding_saved"] = grouping["saving"]
+    if not p.structure:
+        bench.notes.append("--quick: fused vs LAVIS-style passes, padding, gradient checkpointing, torch.compile, "
+                           "AdamW variants and DataLoader workers are measured by the full run only")
+        return
     trainer = build_trainer(real, bench, stage=1, batch_size=batch)
-    files = SceneFiles(bench.work, real.image_size, 2 * batch)
+    files = SceneFiles(bench.work, real.file_size, 2 * batch)
     fixed = fixed_stage1_batch(trainer, files, batch)
     r["fused_vs_lavis_passes_stage1"] = S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak)
     r["dynamic_vs_max_padding_stage1"] = S1.dynamic_padding(bench, trainer, fixed, real.label)
-    grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
-    report["findings"]["length_grouping_padding_saved"] = grouping["saving"]
     if not p.options:
-        bench.notes.append("--quick: gradient checkpointing, torch.compile, AdamW variants and DataLoader workers "
-                           "are measured by the full run only")
         return
     ck = S1.checkpointing(bench, trainer, fixed, real.label)
     report["findings"]["stage1_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
@@ -210,7 +212,7 @@ def stage1_batch_search(bench, shapes: Shapes, start: int, largest: int) -> int:
     from qvlm.bench.harness import SceneFiles, build_trainer, fixed_stage1_batch
 
     trainer = build_trainer(shapes, bench, stage=1, batch_size=start)
-    files = SceneFiles(bench.work, shapes.image_size, largest)
+    files = SceneFiles(bench.work, shapes.file_size, largest)
     best, size = start, start
     while size <= largest:
         try:
@@ -235,6 +237,7 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch, peak)
     out = bench_stage2(bench, shapes_of(p, "real"), p.stage2_batch, peak, with_checkpointing=p.options,
                        batch_search=batch_search)
+    bench.models["real"] = out.pop("model")  # generation reuses it (weights only; the optimiser is gone)
     if "checkpointing" in out:
         ck = out["checkpointing"]
         report["findings"]["stage2_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
@@ -247,7 +250,7 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
 def section_generation(bench, p: Plan, report: dict) -> None:
     from qvlm.bench.generation import bench_generation
 
-    ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens)
+    ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens, vlm=bench.models.pop("real", None))
     report["ratios"]["kv_cache_generation"] = ratios["latency"]
     report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
     if p.gen_demo and p.demo != p.real:

@@ -15,16 +15,18 @@ from qvlm.bench.shapes import Shapes
 GROUP = "caption generation"
 
 
-def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: int) -> dict:
-    """Rows for latency (batch 1) and throughput (``batch_size``), cache on/off; returns the ratios."""
+def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: int, vlm=None) -> dict:
+    """Rows for latency (batch 1) and throughput (``batch_size``), cache on/off; returns the ratios.
+    ``vlm``: a model with an LLM at ``shapes`` already built (else one is built)."""
     from qvlm.inference import describe_embeds
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
-    cfg = shapes.config(stage=2, precision=bench.precision)
-    torch.manual_seed(0)
-    vlm = VLM.from_config(cfg, with_llm=True).to(bench.device).eval()
-    files = SceneFiles(bench.work, shapes.image_size, max(batch_size, 8))
+    if vlm is None:
+        torch.manual_seed(0)
+        vlm = VLM.from_config(shapes.config(stage=2, precision=bench.precision), with_llm=True).to(bench.device)
+    vlm.eval()
+    files = SceneFiles(bench.work, shapes.file_size, max(batch_size, 8))
     dataset = files.dataset(decode=True)
     pixels = vlm.vision.processor([dataset[i]["image"] for i in range(batch_size)]).to(bench.device)
     with torch.no_grad(), bench.autocast():
@@ -46,12 +48,11 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
     for key, timing in timings.items():
         n, cache = key.split("-")
         n, cache = int(n), cache == "True"
-        mem = bench.memory(variants[key])
         tokens = sum(produced[key])
         kind = "latency, 1 image" if n == 1 else f"batched, {n} images"
         out = row(bench, GROUP, f"{kind}, {'KV cache' if cache else 'no cache'}", shapes.label, n,
                   f"prompt {prompt} tokens (Q={vlm.qformer.num_queries} image slots) + {new_tokens} new", timing,
-                  mem, items=n, item="images", note=f"{tokens} tokens generated")
+                  items=n, item="images", note=f"{tokens} tokens generated")
         out["tokens_per_s"] = round(tokens / timing.median, 1)
         out["ms_per_image"] = round(out["ms"] / n, 1)
     return {"latency": timings[f"1-False"].median / timings[f"1-True"].median,

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import PeakMemory, Timing, measure_memory, synchronizer, time_interleaved
+from qvlm.bench.timing import PeakMemory, Timing, synchronizer, time_interleaved
 from qvlm.config import Config
 
 
@@ -32,6 +32,7 @@ class Bench:
     quick: bool = False
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    models: dict = field(default_factory=dict)  # built models one section hands to a later one
 
     @property
     def bf16(self) -> bool:
@@ -47,12 +48,11 @@ class Bench:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def time(self, variants: dict[str, Callable[[], object]], repeats: int | None = None,
-             warmup: int | None = None) -> dict[str, Timing]:
+             warmup: int | None = None, memory: bool = True) -> dict[str, Timing]:
+        """Interleaved timing of the variants (peak memory of each tracked during its timed calls)."""
         return time_interleaved(variants, self.repeats if repeats is None else repeats,
-                                self.warmup if warmup is None else warmup, sync=synchronizer(self.device))
-
-    def memory(self, fn: Callable[[], object]) -> PeakMemory:
-        return measure_memory(fn, self.device)
+                                self.warmup if warmup is None else warmup, sync=synchronizer(self.device),
+                                track_memory=self.device if memory else None)
 
 
 @dataclass
@@ -169,10 +169,12 @@ def fixed_stage1_batch(trainer: Trainer, files: SceneFiles, batch_size: int, sta
 def row(bench: Bench, group: str, name: str, shapes: str, batch: int, seq: str, timing: Timing,
         mem: PeakMemory | None = None, flops: float | None = None, peak_flops: float | None = None,
         items: int | None = None, item: str = "samples", note: str = "", precision: str | None = None) -> dict:
-    """One table row: median ms, throughput (``items`` per call, default the batch), memory, FLOPs."""
+    """One table row: median ms, throughput (``items`` per call, default the batch), memory (default:
+    tracked during the timed calls), FLOPs."""
     from qvlm.bench.flops import mfu
 
     seconds = timing.median
+    mem = timing.memory if mem is None else mem
     out = {"group": group, "name": name, "shapes": shapes, "batch": batch, "seq": seq,
            "precision": precision or bench.precision_label, "ms": round(1000 * seconds, 1),
            "ms_runs": [round(1000 * s, 1) for s in timing.seconds], "spread": round(timing.spread, 2),

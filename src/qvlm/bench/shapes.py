@@ -1,5 +1,8 @@
 """The model shapes the benchmarks run at, as config overrides (random weights, nothing downloaded).
 
+Image files for the pixel path are synthetic scenes written as PNG at ``file_size`` px (256 for the
+224 px towers, as ``img2dataset --image_size 256`` writes CC3M), so preprocessing includes a resize.
+
 - ``real``: the article's recipe: ViT-B/16 at 224 px (197 x 768 tokens), a BERT-base Q-Former with
   32 queries, SmolLM2-135M (30 layers, width 576, 9 heads / 3 KV heads, vocabulary 49152).
 - ``vitl14``: the same with a ViT-L/14 tower at 224 px (257 x 1024 tokens).
@@ -45,7 +48,8 @@ class Shapes:
     qformer: str
     llm: str
     queries: int
-    image_size: int
+    image_size: int  # the tower's input
+    file_size: int  # the image files the pixel path decodes (and resizes to image_size)
     max_text_len: int = 32
     embed_dim: int = 256
 
@@ -64,11 +68,11 @@ class Shapes:
 
 SHAPES = {
     "real": Shapes("real", "ViT-B/16-224 + BERT-base QF(32q) + SmolLM2-135M", VIT_B16, BERT_BASE, SMOLLM2_135M,
-                   queries=32, image_size=224),
+                   queries=32, image_size=224, file_size=256),
     "vitl14": Shapes("vitl14", "ViT-L/14-224 + BERT-base QF(32q) + SmolLM2-135M", VIT_L14, BERT_BASE, SMOLLM2_135M,
-                     queries=32, image_size=224),
+                     queries=32, image_size=224, file_size=256),
     "demo": Shapes("demo", "demo: ViT 64px/192w + MiniLM-size QF(16q) + SmolLM2-135M", DEMO_VISION, MINILM,
-                   SMOLLM2_135M, queries=16, image_size=64, max_text_len=40),
+                   SMOLLM2_135M, queries=16, image_size=64, file_size=64, max_text_len=40),
     "smoke": Shapes("smoke", "smoke: tiny.yaml shapes (2 layers, width 32)", TINY_VISION, TINY_BERT, TINY_LLM,
-                    queries=4, image_size=32, max_text_len=16, embed_dim=16),
+                    queries=4, image_size=32, file_size=32, max_text_len=16, embed_dim=16),
 }

@@ -49,7 +49,7 @@ def flops_of(trainer: Trainer, batch: dict, vision_tokens: int = 0) -> int:
 def cached_vs_pixels(bench: Bench, shapes: Shapes, batch_size: int, peak: float | None) -> float:
     """Rows for both paths at ``shapes``; returns pixels / cached median step time."""
     trainer = build_trainer(shapes, bench, stage=1, batch_size=batch_size)
-    files = SceneFiles(bench.work, shapes.image_size, 2 * batch_size)
+    files = SceneFiles(bench.work, shapes.file_size, 2 * batch_size)
     features, build_s = files.build_cache(trainer.model.vision, bench, batch_size)
     makers = {"cached": files.batches(files.dataset(decode=False), stage1_collator(trainer, features=features),
                                       batch_size),
@@ -66,10 +66,9 @@ def cached_vs_pixels(bench: Bench, shapes: Shapes, batch_size: int, peak: float 
     shown = last["cached"]  # the text and image-token shapes of both paths
     tokens = shown["image_embeds"].shape[1]
     for name, label in (("cached", "from cached features"), ("pixels", "from image files (decode + frozen ViT)")):
-        mem = bench.memory(step(name))
         fl = flops_of(trainer, shown, vision_tokens=tokens if name == "pixels" else 0)
         note = f"cache built once in {build_s:.1f} s ({files.n} images)" if name == "cached" else ""
-        row(bench, GROUP, label, shapes.label, batch_size, seq_label(trainer, shown), timings[name], mem, fl, peak,
+        row(bench, GROUP, label, shapes.label, batch_size, seq_label(trainer, shown), timings[name], None, fl, peak,
             note=note)
     return timings["pixels"].median / timings["cached"].median
 
@@ -180,13 +179,12 @@ def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> di
         return go
 
     timings = bench.time({"off": run(False), "on": run(True)})
-    mems = {k: bench.memory(run(k == "on")) for k in ("off", "on")}
     qf.gradient_checkpointing = False
     b, seq = batch["input_ids"].shape[0], seq_label(trainer, batch)
     for k in ("off", "on"):
-        row(bench, GROUP, f"gradient checkpointing {k}", label, b, seq, timings[k], mems[k])
+        row(bench, GROUP, f"gradient checkpointing {k}", label, b, seq, timings[k])
     return {"time_ratio": timings["on"].median / timings["off"].median,
-            "mem_saving_mb": mems["off"].growth_mb - mems["on"].growth_mb}
+            "mem_saving_mb": timings["off"].memory.growth_mb - timings["on"].memory.growth_mb}
 
 
 def compiled(bench: Bench, shapes: Shapes, batch_size: int, files: SceneFiles) -> dict:
@@ -225,7 +223,7 @@ def adamw(bench: Bench, trainer: Trainer, label: str) -> dict:
         if "foreach" in kwargs:
             for group in opt.param_groups:
                 group["foreach"] = kwargs["foreach"]
-        timing = bench.time({name: opt.step})[name]
+        timing = bench.time({name: opt.step}, memory=False)[name]
         results[name] = timing
         row(bench, "AdamW step", f"{name} AdamW", label, 0, f"{n / 1e6:.0f}M parameters", timing, items=n,
             item="params", precision="fp32")

@@ -50,10 +50,9 @@ def flops_of(trainer: Trainer, batch: dict) -> int:
 def step_rows(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None,
               name: str = "from cached features", note: str = ""):
     timing = bench.time({name: lambda: trainer.step(batch)})[name]
-    mem = bench.memory(lambda: trainer.step(batch))
     b = batch["input_ids"].shape[0]
     tokens = int(batch["attention_mask"].sum())
-    out = row(bench, GROUP, name, label, b, seq_label(trainer, batch), timing, mem, flops_of(trainer, batch), peak,
+    out = row(bench, GROUP, name, label, b, seq_label(trainer, batch), timing, None, flops_of(trainer, batch), peak,
               note=note)
     out["tokens_per_s"] = round(tokens / timing.median, 1)
     return out
@@ -74,14 +73,13 @@ def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> di
         return go
 
     timings = bench.time({"off": run(False), "on": run(True)})
-    mems = {k: bench.memory(run(k == "on")) for k in ("off", "on")}
     set_flag(False)
     b = batch["input_ids"].shape[0]
     for k in ("off", "on"):
         row(bench, GROUP, f"gradient checkpointing {k} (Q-Former + LLM)", label, b, seq_label(trainer, batch),
-            timings[k], mems[k])
+            timings[k])
     return {"time_ratio": timings["on"].median / timings["off"].median,
-            "mem_saving_mb": mems["off"].growth_mb - mems["on"].growth_mb}
+            "mem_saving_mb": timings["off"].memory.growth_mb - timings["on"].memory.growth_mb}
 
 
 def fits(trainer: Trainer, files: SceneFiles, batch_size: int) -> bool:
@@ -113,12 +111,14 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
     trainer = build_trainer(shapes, bench, stage=2, batch_size=batch_size)
     note = ""
     if batch_search:
-        files = SceneFiles(bench.work, shapes.image_size, batch_search)
+        files = SceneFiles(bench.work, shapes.file_size, batch_search)
         batch_size = find_batch(trainer, files, batch_size, batch_search)
         note = f"largest power-of-two batch that fits (tried up to {batch_search})"
-    files = SceneFiles(bench.work, shapes.image_size, max(batch_size, 8))
+    files = SceneFiles(bench.work, shapes.file_size, max(batch_size, 8))
     batch = stage2_batch(trainer, files, batch_size)
     out = {"step": step_rows(bench, trainer, batch, shapes.label, peak, note=note)}
     if with_checkpointing:
         out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
+    trainer.opt.zero_grad(set_to_none=True)
+    out["model"] = trainer.model
     return out

@@ -2,9 +2,11 @@
 
 ``time_interleaved`` runs each variant once per round (after untimed warm-up rounds), so noise from
 other jobs on a shared machine hits every variant alike; a variant's time is the median of its
-rounds. ``PeakMemory`` measures one block: on CUDA ``torch.cuda.max_memory_allocated`` (tensors
-only), on CPU the process's resident set size sampled every millisecond by a thread (everything
-the process holds: weights, optimiser state, activations, the allocator's cache, Python itself).
+rounds. With ``track_memory`` every variant is then called once more, untimed, inside
+``PeakMemory``: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's
+resident set size sampled every 2 ms by a thread (everything the process holds: weights, optimiser
+state, activations, the allocator's cache, Python itself). That call starts from freed memory
+handed back to the OS (``release_memory``), which would slow a timed call down: page faults.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ Clock = Callable[[], float]
 @dataclass
 class Timing:
     seconds: list[float] = field(default_factory=list)  # one per timed round
+    memory: PeakMemory | None = None  # the untimed memory call, when tracked
 
     @property
     def median(self) -> float:
@@ -43,9 +46,10 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     clock: Clock = time.perf_counter, sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+                     clock: Clock = time.perf_counter, sync: Callable[[], None] = lambda: None,
+                     track_memory: torch.device | None = None) -> dict[str, Timing]:
     """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
-    each round calling every variant once, in order."""
+    each round calling every variant once, in order; peak memory too with ``track_memory``."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     timings = {name: Timing() for name in variants}
@@ -57,6 +61,11 @@ def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, wa
             sync()
             if round_ >= warmup:
                 timings[name].seconds.append(clock() - start)
+    if track_memory is not None:
+        for name, fn in variants.items():
+            with PeakMemory(track_memory) as mem:
+                fn()
+            timings[name].memory = mem
     return timings
 
 
@@ -91,9 +100,9 @@ class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.peak_mb`` (highest during the block) and
     ``m.growth_mb`` (peak minus the level at entry). ``m.kind`` names what was measured."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.001):
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
         self.device, self.interval_s = device, interval_s
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (sampled 1 ms)"
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (sampled every 2 ms)"
         self.start = self.peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,10 +140,3 @@ class PeakMemory:
     @property
     def growth_mb(self) -> float:
         return (self.peak - self.start) / 2**20
-
-
-def measure_memory(fn: Callable[[], object], device: torch.device) -> PeakMemory:
-    """Peak memory of one call of ``fn`` (run it once untimed before, so lazy state already exists)."""
-    with PeakMemory(device) as mem:
-        fn()
-    return mem

@@ -7,10 +7,11 @@ set by ``mode``: "unimodal" (ITC), "bidirectional" (ITM), "causal" (ITG). Refere
 implementations: LAVIS ``lavis/models/blip2_models/Qformer.py`` and HF ``Blip2QFormerModel``.
 
 Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
-``F.scaled_dot_product_attention``; query, key and value come from one fused GEMM; the image side of
-cross-attention is projected once per batch of images (``encode_image`` -> ``ImageKV``, key and value
-in one GEMM) with the trainable image LayerNorm's scale and shift folded into that projection, so no
-gradient is ever computed with respect to the frozen image features.
+``F.scaled_dot_product_attention``; the image side of cross-attention is projected once per batch of
+images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
+image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
+computed with respect to the frozen image features. (Fusing the q/k/v GEMMs by concatenating the
+weights each step was measured on CPU: no faster GEMMs, and the copies cost more, so it was dropped.)
 
 Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
 width, Dq Q-Former width.
@@ -102,12 +103,8 @@ class Attention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Self-attention of x (B, L, Dq) after ``past`` keys/values; with ``kv`` (from ``image_kv``),
         cross-attention of x to those keys/values instead."""
-        if kv is None:  # q, k, v in one GEMM: (B, L, Dq) -> (B, L, 3, H, Dh) -> 3 x (B, H, L, Dh)
-            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3Dq, Dq)
-            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-            q, k, v = F.linear(x, w, b).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, (k, v) = self.split(self.query(x)), kv
+        q = self.split(self.query(x))
+        k, v = (self.split(self.key(x)), self.split(self.value(x))) if kv is None else kv
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+S, Dh)
         p = self.attn_dropout if self.training else 0.0
@@ -117,13 +114,14 @@ class Attention(nn.Module):
 
     def image_kv(self, image: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, N, Dh) of ``image * norm_weight + norm_bias`` for standardised image
-        tokens (B, N, Dv), in one GEMM with the affine folded into the weights:
+        tokens (B, N, Dv), with the affine folded into the projections:
         (x g + b0) W^T + b = x (W diag g)^T + (W b0 + b). Same values as applying the LayerNorm's
         affine first, but the backward needs no gradient with respect to the (frozen) image."""
-        w = torch.cat([self.key.weight, self.value.weight])  # (2Dq, Dv)
-        b = torch.cat([self.key.bias, self.value.bias]) + (w * norm_bias).sum(-1)  # (2Dq,)
-        k, v = F.linear(image, w * norm_weight, b).chunk(2, dim=-1)  # (B, N, Dq) each
-        return self.split(k), self.split(v)
+        def project(linear: nn.Linear) -> Tensor:
+            w = linear.weight  # (Dq, Dv)
+            return self.split(F.linear(image, w * norm_weight, linear.bias + (w * norm_bias).sum(-1)))
+
+        return project(self.key), project(self.value)
 
 
 class FeedForward(nn.Module):
