@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,9 @@ __all__ = ["run_bench", "PLANS"]
 class Plan:
     """How much to run: repeats, batch sizes per benchmark, which optional rows."""
 
-    repeats: int
+    repeats: int  # timed rounds of the headline comparisons (after ``warmup`` untimed ones)
     warmup: int
+    option_repeats: int  # timed rounds of the other rows (options, padding, generation)
     qformer_batch: int
     stage1_batch: int  # real shapes (ViT-B/16)
     vitl_batch: int
@@ -53,14 +55,14 @@ class Plan:
 
 
 PLANS = {
-    "quick": Plan(repeats=3, warmup=1, qformer_batch=4, stage1_batch=2, vitl_batch=2, demo_stage1_batch=8,
+    "quick": Plan(repeats=3, warmup=1, option_repeats=3, qformer_batch=4, stage1_batch=2, vitl_batch=2, demo_stage1_batch=8,
                   stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=8, gen_demo=False, structure=False, options=False,
                   compile=False),
-    "full": Plan(repeats=5, warmup=1, qformer_batch=8, stage1_batch=8, vitl_batch=4, demo_stage1_batch=32,
-                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=24, gen_demo=True, structure=True, options=True,
+    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_batch=8, stage1_batch=8, vitl_batch=4, demo_stage1_batch=32,
+                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=16, gen_demo=True, structure=True, options=True,
                  compile=True),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
-    "smoke": Plan(repeats=1, warmup=0, qformer_batch=2, stage1_batch=2, vitl_batch=2, demo_stage1_batch=2,
+    "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_batch=2, stage1_batch=2, vitl_batch=2, demo_stage1_batch=2,
                   stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2, gen_demo=True, structure=True, options=True,
                   compile=False, real="smoke", vitl="smoke", demo="smoke"),
 }
@@ -95,7 +97,8 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
               "load_avg_start": load_avg(), "ratios": {}, "findings": {}}
     peak = FL.peak_bf16_flops(report["device"]) if dev.type == "cuda" else None
     report["peak_bf16_flops"] = peak
-    with tempfile.TemporaryDirectory(dir=work_dir) as work:
+    with tempfile.TemporaryDirectory(dir=work_dir) as work, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per model
         bench = Bench(dev, precision, p.repeats, p.warmup, Path(work), quick=quick)
         report["precision"] = bench.precision_label
         sections = [
@@ -172,15 +175,17 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     from qvlm.bench.harness import SceneFiles, build_trainer, fixed_stage1_batch
 
     real, vitl, demo = shapes_of(p, "real"), shapes_of(p, "vitl"), shapes_of(p, "demo")
-    r = report["ratios"]
+    r, found = report["ratios"], report["findings"]
     batch = p.stage1_batch
     if batch_search:
         batch = stage1_batch_search(bench, real, batch, batch_search)
     r["cached_vs_pixels_stage1"] = S1.cached_vs_pixels(bench, real, batch, peak)
-    r["cached_vs_pixels_stage1_vitl14"] = S1.cached_vs_pixels(bench, vitl, p.vitl_batch, peak)
-    r["cached_vs_pixels_stage1_demo"] = S1.cached_vs_pixels(bench, demo, p.demo_stage1_batch, peak)
+    attempt(bench, "ViT-L/14 cached vs pixels", lambda: r.__setitem__(
+        "cached_vs_pixels_stage1_vitl14", S1.cached_vs_pixels(bench, vitl, p.vitl_batch, peak)))
+    attempt(bench, "demo cached vs pixels", lambda: r.__setitem__(
+        "cached_vs_pixels_stage1_demo", S1.cached_vs_pixels(bench, demo, p.demo_stage1_batch, peak)))
     grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
-    report["findings"]["length_grouping_padding_saved"] = grouping["saving"]
+    found["length_grouping_padding_saved"] = grouping["saving"]
     if not p.structure:
         bench.notes.append("--quick: fused vs LAVIS-style passes, padding, gradient checkpointing, torch.compile, "
                            "AdamW variants and DataLoader workers are measured by the full run only")
@@ -188,23 +193,43 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     trainer = build_trainer(real, bench, stage=1, batch_size=batch)
     files = SceneFiles(bench.work, real.file_size, 2 * batch)
     fixed = fixed_stage1_batch(trainer, files, batch)
-    r["fused_vs_lavis_passes_stage1"] = S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak)
-    r["dynamic_vs_max_padding_stage1"] = S1.dynamic_padding(bench, trainer, fixed, real.label)
-    if not p.options:
-        return
-    ck = S1.checkpointing(bench, trainer, fixed, real.label)
-    report["findings"]["stage1_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
-                                                  f"{ck['mem_saving_mb']:.0f} MiB lower")
-    opt = S1.adamw(bench, trainer, real.label)
-    r["fused_vs_foreach_adamw"] = opt["foreach"] / opt["fused"]
-    r["workers_pixels_stage1"] = (lambda w: w[0] / w[2])(S1.workers(bench, trainer, files, batch, real.label))
-    del trainer, fixed
-    if not p.compile:
-        return
-    comp = S1.compiled(bench, real, batch, files)
-    if comp.get("ok"):
-        r["compile_stage1"] = comp["speedup"]
-        report["findings"]["compile_seconds"] = round(comp["compile_s"], 1)
+    with bench.rounds(p.option_repeats):
+        attempt(bench, "fused vs LAVIS-style passes", lambda: r.__setitem__(
+            "fused_vs_lavis_passes_stage1", S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak)))
+        attempt(bench, "dynamic padding", lambda: r.__setitem__(
+            "dynamic_vs_max_padding_stage1", S1.dynamic_padding(bench, trainer, fixed, real.label)))
+        if not p.options:
+            return
+        ck = attempt(bench, "stage-1 gradient checkpointing", lambda: S1.checkpointing(bench, trainer, fixed, real.label))
+        if ck:
+            found["stage1_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
+                                             f"{ck['mem_saving_mb']:.0f} MiB lower")
+        opt = attempt(bench, "AdamW variants", lambda: S1.adamw(bench, trainer, real.label))
+        if opt:
+            r["fused_vs_foreach_adamw"] = opt["foreach"] / opt["fused"]
+        w = attempt(bench, "DataLoader workers", lambda: S1.workers(bench, trainer, files, batch, real.label))
+        if w:
+            r["workers_pixels_stage1"] = w[0] / w[2]
+        del trainer, fixed
+        if not p.compile:
+            return
+        comp = attempt(bench, "torch.compile", lambda: S1.compiled(bench, real, batch, files)) or {}
+        if comp.get("ok"):
+            r["compile_stage1"] = comp["speedup"]
+            found["compile_seconds"] = round(comp["compile_s"], 1)
+
+
+def attempt(bench, title: str, fn):
+    """``fn()``, or None with a note when it fails (e.g. out of memory at a searched batch size)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one failed row must not hide the others
+        bench.notes.append(f"{title} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        if os.environ.get("QVLM_DEBUG"):
+            traceback.print_exc()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
 
 def stage1_batch_search(bench, shapes: Shapes, start: int, largest: int) -> int:
@@ -234,9 +259,10 @@ def stage1_batch_search(bench, shapes: Shapes, start: int, largest: int) -> int:
 def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> None:
     from qvlm.bench.stage2 import bench_stage2
 
-    bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch, peak)
+    attempt(bench, "stage 2 at demo shapes", lambda: bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch,
+                                                                  peak))
     out = bench_stage2(bench, shapes_of(p, "real"), p.stage2_batch, peak, with_checkpointing=p.options,
-                       batch_search=batch_search)
+                       batch_search=batch_search, option_repeats=p.option_repeats)
     bench.models["real"] = out.pop("model")  # generation reuses it (weights only; the optimiser is gone)
     if "checkpointing" in out:
         ck = out["checkpointing"]
@@ -250,8 +276,10 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
 def section_generation(bench, p: Plan, report: dict) -> None:
     from qvlm.bench.generation import bench_generation
 
-    ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens, vlm=bench.models.pop("real", None))
-    report["ratios"]["kv_cache_generation"] = ratios["latency"]
-    report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
-    if p.gen_demo and p.demo != p.real:
-        bench_generation(bench, shapes_of(p, "demo"), p.gen_batch, p.gen_tokens)
+    with bench.rounds(p.option_repeats):
+        ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens,
+                                  vlm=bench.models.pop("real", None))
+        report["ratios"]["kv_cache_generation"] = ratios["latency"]
+        report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
+        if p.gen_demo and p.demo != p.real:
+            bench_generation(bench, shapes_of(p, "demo"), p.gen_batch, p.gen_tokens)

@@ -8,6 +8,7 @@ AdamW from ``qvlm.train.optim.build_optimizer``, ``zero_grad``, temperature clam
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,15 @@ class Bench:
 
     def autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    @contextlib.contextmanager
+    def rounds(self, repeats: int):
+        """Time with ``repeats`` timed rounds inside the block."""
+        saved, self.repeats = self.repeats, repeats
+        try:
+            yield
+        finally:
+            self.repeats = saved
 
     def time(self, variants: dict[str, Callable[[], object]], repeats: int | None = None,
              warmup: int | None = None, memory: bool = True) -> dict[str, Timing]:

@@ -129,7 +129,7 @@ def pad_to_max(batch: dict, length: int) -> dict:
 
 def dynamic_padding(bench: Bench, trainer: Trainer, batch: dict, label: str) -> float:
     full = pad_to_max(batch, trainer.cfg.model.qformer.max_text_len)
-    timings = bench.time({"dynamic": lambda: trainer.step(batch), "max": lambda: trainer.step(full)})
+    timings = bench.time({"dynamic": lambda: trainer.step(batch), "max": lambda: trainer.step(full)}, memory=False)
     b = batch["input_ids"].shape[0]
     row(bench, GROUP, "dynamic padding (longest in batch)", label, b, seq_label(trainer, batch), timings["dynamic"])
     row(bench, GROUP, f"padded to max_text_len={full['input_ids'].shape[1]}", label, b, seq_label(trainer, full),
@@ -200,7 +200,7 @@ def compiled(bench: Bench, shapes: Shapes, batch_size: int, files: SceneFiles) -
         bench.notes.append(f"torch.compile failed on {bench.device.type}: {type(exc).__name__}: {exc}"[:300])
         return {"ok": False}
     first = time.perf_counter() - start
-    timings = bench.time({"eager": lambda: eager.step(batch), "compiled": lambda: fast.step(batch)})
+    timings = bench.time({"eager": lambda: eager.step(batch), "compiled": lambda: fast.step(batch)}, memory=False)
     compile_s = first - timings["compiled"].median
     b, seq = batch_size, seq_label(eager, batch)
     row(bench, GROUP, "eager (train.compile=false)", shapes.label, b, seq, timings["eager"])
@@ -256,8 +256,9 @@ def workers(bench: Bench, trainer: Trainer, files: SceneFiles, batch_size: int, 
             trainer.step(to_device(batch, bench.device))
 
         name = f"{count} workers" + (", pinned memory" if pin and count else "")
-        timing = bench.time({name: step})[name]
+        timing = bench.time({name: step}, memory=False)[name]
         results[count] = timing.median
-        row(bench, GROUP, f"from image files, DataLoader {name}", label, batch_size, "", timing)
+        row(bench, GROUP, f"from image files, DataLoader {name}", label, batch_size, "decode + ViT every step",
+            timing)
         del state, loader
     return results

@@ -107,7 +107,7 @@ def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) ->
 
 
 def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | None,
-                 with_checkpointing: bool = False, batch_search: int = 0) -> dict:
+                 with_checkpointing: bool = False, batch_search: int = 0, option_repeats: int | None = None) -> dict:
     trainer = build_trainer(shapes, bench, stage=2, batch_size=batch_size)
     note = ""
     if batch_search:
@@ -118,7 +118,11 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
     batch = stage2_batch(trainer, files, batch_size)
     out = {"step": step_rows(bench, trainer, batch, shapes.label, peak, note=note)}
     if with_checkpointing:
-        out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
+        with bench.rounds(option_repeats or bench.repeats):
+            try:
+                out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
+            except torch.OutOfMemoryError as exc:
+                bench.notes.append(f"stage-2 gradient checkpointing at batch {batch_size}: out of memory ({exc})"[:300])
     trainer.opt.zero_grad(set_to_none=True)
     out["model"] = trainer.model
     return out
