@@ -303,3 +303,17 @@ def test_combine_errors():
         combine({"itc": torch.tensor(1.0)}, {"itc": 0.0})
     with pytest.raises(ValueError, match="negative"):
         combine({"itc": torch.tensor(1.0)}, {"itc": -1.0})
+
+
+def test_hard_negatives_skip_copies_of_the_positive_while_others_exist():
+    # rows 0 and 1 share a caption and are each other's most similar column: never drawn for each other
+    sims = torch.tensor([[5.0, 9.0, 0.0, 0.0], [9.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 1.0], [0.0, 0.0, 1.0, 5.0]])
+    same = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        neg = sample_hard_negatives(sims, sims, torch.arange(4), generator=g, same=same)
+        assert not same[torch.arange(4), neg.text_idx].any() and not same[torch.arange(4), neg.image_idx].any()
+    # a row whose every other column is a copy still gets a (non-positive) negative
+    everything = torch.ones(4, 4, dtype=torch.bool)
+    neg = sample_hard_negatives(sims, sims, torch.arange(4), generator=g, same=everything)
+    assert (neg.text_idx != torch.arange(4)).all() and (neg.image_idx != torch.arange(4)).all()

@@ -137,15 +137,20 @@ def itc_loss(
 # --------------------------------------------------------------------------------------------- ITM
 
 
-def _negative_weights(sim: Tensor, targets: Tensor) -> Tensor:
+def _negative_weights(sim: Tensor, targets: Tensor, exclude: Tensor | None = None) -> Tensor:
     """(B, C) sampling weights ∝ softmax(sim) over each row's non-positive columns, never all zero.
 
-    NaN similarities get weight 0; if a row has +inf entries they share all the mass (the limit
-    of softmax); a row whose weights are all zero (e.g. all -inf) falls back to uniform.
+    ``exclude`` (B, C) bool marks more columns that must not be drawn (pairs known to match) unless
+    a row has no other column left. NaN similarities get weight 0; if a row has +inf entries they
+    share all the mass (the limit of softmax); a row whose weights are all zero (e.g. all -inf)
+    falls back to uniform.
     """
     s = sim.detach().float().nan_to_num(nan=-math.inf)
     negative = torch.ones_like(s, dtype=torch.bool)
     negative[torch.arange(s.shape[0], device=s.device), targets] = False
+    if exclude is not None:
+        allowed = negative & ~exclude
+        negative = torch.where(allowed.any(dim=1, keepdim=True), allowed, negative)
     s = s.masked_fill(~negative, -math.inf)
     top = s.amax(dim=1, keepdim=True)  # (B, 1), may be +inf or -inf
     weights = torch.where(top.isposinf(), s.isposinf().float(), torch.exp(s - top))
@@ -155,22 +160,25 @@ def _negative_weights(sim: Tensor, targets: Tensor) -> Tensor:
 
 
 def sample_hard_negatives(
-    sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor, generator: torch.Generator | None = None
+    sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor, generator: torch.Generator | None = None,
+    same: Tensor | None = None,
 ) -> HardNegatives:
     """For each image one hard-negative text and for each text one hard-negative image.
 
     sim_i2t and sim_t2i (B, C) are ``ItcOutput`` similarities (already divided by the
     temperature), targets (B,) the positive columns. A negative is drawn with probability
-    ∝ softmax(sim) over the other C - 1 columns, so it is never the positive. Indices are columns,
-    i.e. rows of the gathered batch; sampling is deterministic given ``generator``.
+    ∝ softmax(sim) over the other C - 1 columns, so it is never the positive. ``same`` (B, C) bool
+    marks pairs that also match (e.g. another copy of the same caption, the same image): they are
+    not drawn while a row has anything else, so ITM is not taught that a match is a mismatch.
+    Indices are columns, i.e. rows of the gathered batch; sampling is deterministic given ``generator``.
     """
     if sim_i2t.shape != sim_t2i.shape or sim_i2t.dim() != 2 or targets.shape != sim_i2t.shape[:1]:
         raise ValueError(f"expected sims (B, C) and targets (B,), got {tuple(sim_i2t.shape)}, "
                          f"{tuple(sim_t2i.shape)}, {tuple(targets.shape)}")
     if sim_i2t.shape[1] < 2:
         raise ValueError("hard negatives need at least 2 image-text pairs in the (gathered) batch")
-    text_idx = torch.multinomial(_negative_weights(sim_i2t, targets), 1, generator=generator)  # (B, 1)
-    image_idx = torch.multinomial(_negative_weights(sim_t2i, targets), 1, generator=generator)  # (B, 1)
+    text_idx = torch.multinomial(_negative_weights(sim_i2t, targets, same), 1, generator=generator)  # (B, 1)
+    image_idx = torch.multinomial(_negative_weights(sim_t2i, targets, same), 1, generator=generator)  # (B, 1)
     return HardNegatives(text_idx=text_idx.squeeze(1), image_idx=image_idx.squeeze(1))
 
 

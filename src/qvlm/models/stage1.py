@@ -120,7 +120,10 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     sim_i2t = gather(itc.sim_i2t) if gather else itc.sim_i2t  # (B*W, B*W)
     sim_t2i = gather(itc.sim_t2i) if gather else itc.sim_t2i
     targets = torch.arange(sim_i2t.shape[0], device=image_embeds.device)
-    negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator)
+    # Captions repeat (several images can share one): a copy of the positive caption is no negative.
+    caption_id = torch.unique(all_ids * all_mask, dim=0, return_inverse=True)[1]  # (B*W,)
+    same = caption_id[:, None] == caption_id[None, :]  # (B*W, B*W)
+    negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator, same=same)
     mine = slice(rank * b, (rank + 1) * b)
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
     image_kv = qformer.encode_image(image_embeds) if image_kv is None else image_kv

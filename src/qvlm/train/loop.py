@@ -128,7 +128,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         torch.manual_seed(cfg.train.seed * 1_000_003 + D.rank())  # dropout differs between ranks
     state = RunState()
     if resume:
-        state = restore(out, model, opt, stream, gen)
+        state = restore(cfg, out, model, opt, stream, gen)
     state.log = MetricsLog(out, cfg.train.tensorboard)
     autocast, bf16 = autocast_for(cfg, device)
     log(f"stage {cfg.train.stage}: {cfg.train.max_steps} steps, batch {cfg.train.batch_size} x "
@@ -219,7 +219,7 @@ def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -
     ckpt.prune_checkpoints(root, cfg.train.keep_last, keep)
 
 
-def restore(out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
+def restore(cfg: Config, out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
     path = ckpt.latest_checkpoint(out / "checkpoints")
     if path is None:
         log(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from step 0")
