@@ -282,4 +282,4 @@ def section_generation(bench, p: Plan, report: dict) -> None:
         report["ratios"]["kv_cache_generation"] = ratios["latency"]
         report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
         if p.gen_demo and p.demo != p.real:
-            bench_generation(bench, shapes_of(p, "demo"), p.gen_batch, p.gen_tokens)
+            bench_generation(bench, shapes_of(p, "demo"), p.gen_batch, p.gen_tokens, without_cache=False)

@@ -15,9 +15,11 @@ from qvlm.bench.shapes import Shapes
 GROUP = "caption generation"
 
 
-def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: int, vlm=None) -> dict:
-    """Rows for latency (batch 1) and throughput (``batch_size``), cache on/off; returns the ratios.
-    ``vlm``: a model with an LLM at ``shapes`` already built (else one is built)."""
+def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: int, vlm=None,
+                     without_cache: bool = True) -> dict:
+    """Rows for latency (batch 1) and throughput (``batch_size``), with the KV cache and (when
+    ``without_cache``) without it; returns the no-cache / cache ratios. ``vlm``: a model with an LLM
+    at ``shapes`` already built (else one is built)."""
     from qvlm.inference import describe_embeds
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
@@ -42,7 +44,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
             produced[f"{n}-{use_cache}"] = [len(ids) for ids in out.token_ids]
         return run
 
-    variants = {f"{n}-{c}": caption(n, c) for n in (1, batch_size) for c in (True, False)}
+    variants = {f"{n}-{c}": caption(n, c) for n in (1, batch_size) for c in ((True, False) if without_cache else (True,))}
     timings = bench.time(variants)
     prompt = describe_prompt_len(vlm)
     for key, timing in timings.items():
@@ -55,7 +57,9 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
                   items=n, item="images", note=f"{tokens} tokens generated")
         out["tokens_per_s"] = round(tokens / timing.median, 1)
         out["ms_per_image"] = round(out["ms"] / n, 1)
-    return {"latency": timings[f"1-False"].median / timings[f"1-True"].median,
+    if not without_cache:
+        return {}
+    return {"latency": timings["1-False"].median / timings["1-True"].median,
             "batched": timings[f"{batch_size}-False"].median / timings[f"{batch_size}-True"].median}
 
 
