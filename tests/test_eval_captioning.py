@@ -84,3 +84,29 @@ def test_scene_metrics_names_and_values():
                  "n": 3}
     raw = score_captions(preds, [two, one, one])
     assert (m["color_shape_acc"], m["count_acc"], m["exact_match"]) == (raw["color_shape"], raw["count"], raw["exact"])
+
+
+def test_stage1_model_captions_with_its_own_itg_head(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from conftest import CONFIGS
+    from qvlm.cli import main
+    from qvlm.config import load_config
+    from qvlm.data.synth import make_scene, render
+    from qvlm.inference import qformer_caption
+    from qvlm.models.vlm import VLM
+
+    torch.manual_seed(0)
+    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml"))
+    assert model.llm is None
+    model.save_pretrained(tmp_path / "s1")
+    loaded = VLM.from_pretrained(tmp_path / "s1").eval()
+    images = [render(make_scene(0, "test", i), 32) for i in range(3)]
+    first = qformer_caption(loaded, images, max_new_tokens=5, batch_size=2)
+    assert len(first) == 3 and all(isinstance(t, str) for t in first)
+    assert qformer_caption(loaded, images, max_new_tokens=5, batch_size=3) == first  # batching-independent
+    assert main(["eval", "caption", "--model", str(tmp_path / "s1"), "--max-samples", "4", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 4 and 0.0 <= metrics["color_shape_acc"] <= 1.0

@@ -84,9 +84,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task == "classify" and not args.classes:
         raise UsageError("eval classify needs --classes NAME,NAME,...")
-    needs_llm = args.task in ("caption", "retention")
-    if needs_llm and not (Path(args.model) / "projector.safetensors").is_file():
-        raise UsageError(f"eval {args.task} needs a stage-2 model; {args.model} has no projector (stage 1?)")
+    stage2 = (Path(args.model) / "projector.safetensors").is_file()
+    if args.task == "retention" and not stage2:
+        raise UsageError(f"eval retention needs a stage-2 model; {args.model} has no projector (stage 1?)")
+    # caption on a stage-1 model: the Q-Former's own ITG captions (what the queries carry)
+    needs_llm = args.task == "retention" or (args.task == "caption" and stage2)
     model = VLM.from_pretrained(args.model, with_llm=needs_llm or None).eval()
     cfg = model.config
     if args.max_samples is not None:

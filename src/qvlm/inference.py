@@ -80,3 +80,30 @@ def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationCon
     feats = vlm.image_features(vlm.vision.processor([image]).to(device))
     out = describe_embeds(vlm, feats, [users[-1]], system=systems[0] if systems else None, gen=gen)
     return out.texts[0].strip()
+
+
+@torch.no_grad()
+def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy captions from the stage-1 Q-Former itself (queries -> [DEC] -> ITG head), no LLM:
+    shows what the queries carry before stage 2 (``qvlm eval caption`` on a stage-1 model)."""
+    from qvlm.sources import load_tokenizer
+    from qvlm.train.batches import decoder_start_id
+
+    q = vlm.config.model.qformer
+    tok = load_tokenizer(q.tokenizer or q.source, vlm.config.model.trust_remote_code)
+    dec, sep = decoder_start_id(tok), tok.sep_token_id
+    device = next(vlm.qformer.parameters()).device
+    texts: list[str] = []
+    for start in range(0, len(images), batch_size):
+        feats = vlm.image_features(vlm.vision.processor(images[start:start + batch_size]).to(device))
+        cache = vlm.qformer(image_embeds=feats, return_query_cache=True).query_cache
+        ids = torch.full((feats.shape[0], 1), dec, device=device)  # (B, 1) -> (B, 1 + steps)
+        for _ in range(min(max_new_tokens, q.max_text_len - 1)):
+            text = vlm.qformer(input_ids=ids, attention_mask=torch.ones_like(ids), query_cache=cache,
+                               mode="causal").text  # (B, t, Dq): the full prefix, no text cache
+            ids = torch.cat([ids, vlm.heads.lm_head(text[:, -1]).argmax(-1, keepdim=True)], dim=1)
+            if sep is not None and bool((ids == sep).any(dim=1).all()):
+                break
+        for row in ids[:, 1:].tolist():
+            texts.append(tok.decode(row[:row.index(sep)] if sep in row else row, skip_special_tokens=True).strip())
+    return texts

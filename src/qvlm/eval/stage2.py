@@ -14,15 +14,20 @@ from qvlm.models.generate import GenerationConfig
 @torch.no_grad()
 def generate_captions(vlm, records: list[dict], batch_size: int = 16, max_new_tokens: int = 32,
                       progress: bool = False) -> list[str]:
-    """Greedy captions (the model's first user prompt) for records with decoded images."""
-    from qvlm.inference import caption
+    """Greedy captions (the model's first user prompt) for records with decoded images; a stage-1
+    model (no LLM) captions with the Q-Former's own ITG head."""
+    from qvlm.inference import caption, qformer_caption
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     out: list[str] = []
     bar = tqdm(total=len(records), desc="captioning", unit="img", file=sys.stderr, disable=not progress)
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        out.extend(caption(vlm, [r["image"] for r in chunk], gen=gen, batch_size=batch_size))
+        images = [r["image"] for r in chunk]
+        if vlm.llm is None:
+            out.extend(qformer_caption(vlm, images, max_new_tokens, batch_size))
+        else:
+            out.extend(caption(vlm, images, gen=gen, batch_size=batch_size))
         bar.update(len(chunk))
     bar.close()
     return out
