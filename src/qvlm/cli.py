@@ -273,7 +273,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     auth = "required" if api_key else "off"
     serve(create_app(engine, api_key=api_key), args.host, args.port, log_level=args.log_level,
           announce=lambda url: eprint(f"qvlm serve: model {engine.model_id!r} on {url} (API key {auth})"))
-    return 0
+    # uvicorn only returns once a signal stopped it; it re-raises the signal afterwards, but
+    # whether that reaches us as KeyboardInterrupt depends on the handlers around it: say it here
+    eprint("qvlm serve: interrupted")
+    return 130
 
 
 # ---- parser -----------------------------------------------------------------------------------
