@@ -94,7 +94,8 @@ def test_caption_and_chat_cli(stage2_model, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     assert main(["caption", "--model", str(stage2_model / "model"), str(tmp_path / "bad.png")]) == 1
     assert "not_an_image" in capsys.readouterr().err
-    assert main(["eval", "caption", "--model", str(stage2_model / "s1" / "model")]) == 2  # a stage-1 model
+    assert main(["eval", "retention", "--model", str(stage2_model / "s1" / "model")]) == 2  # a stage-1 model
+    assert "needs a stage-2 model" in capsys.readouterr().err
 
 
 def test_eval_caption_cli(stage2_model, capsys):
