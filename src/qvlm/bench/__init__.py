@@ -28,6 +28,7 @@ import torch
 from qvlm.bench.shapes import SHAPES, Shapes
 
 __all__ = ["run_bench", "PLANS"]
+NOISY = 0.5  # a row whose (max - min) / median of timed rounds exceeds this is flagged in the notes
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,12 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
                 if os.environ.get("QVLM_DEBUG"):
                     traceback.print_exc()
             say(progress, f"bench: {title} done in {time.perf_counter() - t0:.0f} s")
+        noisy = [f"{r['name']} ({r['shapes'].split(' ')[0]}, ±{100 * r['spread']:.0f}%)" for r in bench.rows
+                 if r["spread"] > NOISY]
+        if noisy:
+            bench.notes.append(f"rows whose timed rounds differ by more than {100 * NOISY:.0f}% of their median "
+                               f"(other jobs stalled this process; ratios built on them are unreliable): "
+                               + "; ".join(noisy))
         report["rows"], report["notes"] = bench.rows, bench.notes
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
         report["ratios"].setdefault(key, None)
