@@ -86,7 +86,7 @@ def test_hf_reference_has_our_parameter_count_and_runs():
 
 def test_fused_stage1_step_equals_the_lavis_style_passes(tiny_cfg):
     """Our fused passes + shared image keys/values give the losses of the separate passes."""
-    from qvlm.bench.stage1 import stage1_losses_unfused
+    from qvlm.bench.stage1 import PASS_VARIANTS, stage1_losses_passes
     from qvlm.models.vlm import VLM
     from qvlm.train.steps import step_losses
 
@@ -98,9 +98,11 @@ def test_fused_stage1_step_equals_the_lavis_style_passes(tiny_cfg):
     mask[1, 6:] = 0
     batch = {"image_embeds": torch.randn(4, 17, 32, generator=g), "input_ids": ids, "attention_mask": mask}
     fused = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
-    plain = stage1_losses_unfused(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
-    for key in ("itc", "itm", "itg", "loss"):
-        assert torch.allclose(fused[key], plain[key], atol=1e-5), key
+    for flags in [*PASS_VARIANTS.values(), (True, True)]:
+        plain = stage1_losses_passes(*flags)(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1),
+                                             dec_token_id=1)
+        for key in ("itc", "itm", "itg", "loss"):
+            assert torch.allclose(fused[key], plain[key], atol=1e-5), (flags, key)
     fused["loss"].backward()
     grad = model.qformer.layers[0].cross_attn.key.weight.grad
     assert grad is not None and grad.abs().sum() > 0

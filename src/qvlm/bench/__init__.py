@@ -201,8 +201,12 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     files = SceneFiles(bench.work, real.file_size, 2 * batch)
     fixed = fixed_stage1_batch(trainer, files, batch)
     with bench.rounds(p.option_repeats):
-        attempt(bench, "fused vs LAVIS-style passes", lambda: r.__setitem__(
-            "fused_vs_lavis_passes_stage1", S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak)))
+        passes = attempt(bench, "fused vs LAVIS-style passes",
+                         lambda: S1.fused_vs_unfused(bench, trainer, fixed, real.label, peak))
+        if passes:
+            r["fused_vs_lavis_passes_stage1"] = passes["lavis"]
+            r["shared_image_kv_stage1"] = passes["shared_kv"]
+            r["one_query_pass_stage1"] = passes["fused_pass"]
         attempt(bench, "dynamic padding", lambda: r.__setitem__(
             "dynamic_vs_max_padding_stage1", S1.dynamic_padding(bench, trainer, fixed, real.label)))
         if not p.options:

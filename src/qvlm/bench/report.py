@@ -13,6 +13,8 @@ RATIO_MEANING = {
     "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",
     "cached_vs_pixels_stage1_demo": "stage-1 step at demo shapes: from image files / from cached features",
     "fused_vs_lavis_passes_stage1": "stage-1 step: LAVIS-style separate passes / our fused passes",
+    "shared_image_kv_stage1": "stage-1 step: ITM re-encoding its images / sharing the ITC pass's image K/V",
+    "one_query_pass_stage1": "stage-1 step: separate query and text passes / one unimodal pass",
     "dynamic_vs_max_padding_stage1": "stage-1 step: padded to max_text_len / padded to the longest caption",
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",

@@ -4,10 +4,10 @@
   no decode) and looks its fp16 features up in the cache; the pixel step reads and decodes the PNG,
   preprocesses it and runs the frozen tower every step, as the article's repository does. Both
   alternate on the same records, model and batch;
-- the fused step (``qvlm.models.stage1``: one unimodal pass for ITC feeds ITG's query cache, the
-  images' cross-attention keys/values projected once for ITC and ITM) vs the passes of LAVIS's
-  ``Blip2Qformer.forward`` (``stage1_losses_unfused``: queries alone, text alone, ITM re-encoding
-  its 3B images);
+- the library's step (``qvlm.models.stage1``: one unimodal pass for ITC feeds ITG's query cache,
+  the images' cross-attention keys/values projected once for ITC and ITM) vs each of the two
+  switched off and vs both off, the passes of LAVIS's ``Blip2Qformer.forward``
+  (``stage1_losses_passes``: queries alone, text alone, ITM re-encoding its 3B images);
 - dynamic padding (to the batch's longest caption, what the collator does) vs padding to
   ``max_text_len``; length-grouped vs random batches (padding tokens per epoch);
 - gradient checkpointing on/off (time and memory), ``torch.compile`` on/off, fused vs foreach vs
@@ -75,46 +75,76 @@ def cached_vs_pixels(bench: Bench, shapes: Shapes, batch_size: int, peak: float 
 
 # ---- fused vs LAVIS-style passes ----------------------------------------------------------------
 
-def stage1_losses_unfused(model, batch: dict, cfg, generator=None, dec_token_id: int | None = None) -> dict:
-    """The same ITC + ITM + ITG losses computed with the passes of LAVIS ``Blip2Qformer.forward``:
-    queries alone (their keys/values cached for ITG, as LAVIS does), text alone, ITM over
-    [images, images, negative images] re-encoding every image. Single process only."""
-    qf, heads, weights = model.qformer, model.heads, cfg.train.losses
-    image, ids, mask = batch["image_embeds"].float(), batch["input_ids"], batch["attention_mask"]
-    query_out = qf(image_embeds=image, return_query_cache=True)
-    text = qf(input_ids=ids, attention_mask=mask).text  # (B, T, Dq)
-    itc = L.itc_loss(heads.image_feats(query_out.query), heads.text_feat(text), heads.temp)
-    terms = {"itc": itc.loss, "itc_acc": (itc.i2t_acc + itc.t2i_acc) / 2}
-    b = image.shape[0]
-    targets = torch.arange(b, device=image.device)
-    neg = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, targets, generator=generator)
-    images = torch.cat([image, image, image[neg.image_idx]])  # (3B, N, Dv)
-    pair_ids = torch.cat([ids, ids[neg.text_idx], ids])  # (3B, T)
-    pair_mask = torch.cat([mask, mask[neg.text_idx], mask])
-    query = qf(image_embeds=images, input_ids=pair_ids, attention_mask=pair_mask, mode="bidirectional").query
-    itm = L.itm_loss(L.itm_logits_from_queries(heads.itm_head(query)), L.itm_labels(b).to(image.device))
-    terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
-    dec = decoder_input_ids(ids, dec_token_id)
-    out = qf(input_ids=dec, attention_mask=mask, query_cache=query_out.query_cache, mode="causal").text
-    terms["itg"] = L.itg_loss(heads.lm_head(out), dec, mask).loss
-    return L.combine(terms, weights)
+def stage1_losses_passes(fused_pass: bool, shared_kv: bool):
+    """The ITC + ITM + ITG losses of ``qvlm.models.stage1`` with either optimisation switched off:
+    ``fused_pass=False`` runs the queries alone (their keys/values cached for ITG, as LAVIS does)
+    and the text alone instead of one unimodal pass; ``shared_kv=False`` re-encodes the ITM pairs'
+    images [images, images, negative images] instead of reusing the ITC pass's image keys/values.
+    Both off are the passes of LAVIS ``Blip2Qformer.forward``. Single process only."""
+
+    def losses(model, batch: dict, cfg, generator=None, dec_token_id: int | None = None) -> dict:
+        qf, heads, weights = model.qformer, model.heads, cfg.train.losses
+        image, ids, mask = batch["image_embeds"].float(), batch["input_ids"], batch["attention_mask"]
+        image_kv = qf.encode_image(image)
+        if fused_pass:
+            out = qf(image_kv=image_kv, input_ids=ids, attention_mask=mask, return_query_cache=True)
+            query, text, cache = out.query, out.text, out.query_cache
+        else:
+            alone = qf(image_kv=image_kv, return_query_cache=True)
+            query, cache = alone.query, alone.query_cache
+            text = qf(input_ids=ids, attention_mask=mask).text  # (B, T, Dq)
+        itc = L.itc_loss(heads.image_feats(query), heads.text_feat(text), heads.temp)
+        terms = {"itc": itc.loss, "itc_acc": (itc.i2t_acc + itc.t2i_acc) / 2}
+        b = image.shape[0]
+        own = torch.arange(b, device=image.device)
+        neg = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, own, generator=generator)
+        rows = torch.cat([own, own, neg.image_idx])  # images of the 3B pairs
+        pair_kv = image_kv.select(rows) if shared_kv else qf.encode_image(image[rows])
+        query = qf(image_kv=pair_kv, input_ids=torch.cat([ids, ids[neg.text_idx], ids]),
+                   attention_mask=torch.cat([mask, mask[neg.text_idx], mask]), mode="bidirectional").query
+        itm = L.itm_loss(L.itm_logits_from_queries(heads.itm_head(query)), L.itm_labels(b).to(image.device))
+        terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
+        dec = decoder_input_ids(ids, dec_token_id)
+        out = qf(input_ids=dec, attention_mask=mask, query_cache=cache, mode="causal").text
+        terms["itg"] = L.itg_loss(heads.lm_head(out), dec, mask).loss
+        return L.combine(terms, weights)
+
+    return losses
 
 
-def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> float:
-    def unfused():
-        trainer.losses_fn = stage1_losses_unfused
-        try:
-            trainer.step(batch)
-        finally:
-            trainer.losses_fn = None
+stage1_losses_unfused = stage1_losses_passes(fused_pass=False, shared_kv=False)  # LAVIS's passes
 
-    timings = bench.time({"fused": lambda: trainer.step(batch), "unfused": unfused})
+PASS_VARIANTS = {  # name -> (fused_pass, shared_kv); (True, True) is the library's own step
+    "one unimodal pass, ITM re-encodes its images": (True, False),
+    "separate query / text passes, shared image K/V": (False, True),
+    "LAVIS-style: separate passes, ITM re-encodes": (False, False),
+}
+
+
+def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
+    """Our step against each optimisation switched off and both off (LAVIS); returns the time ratios
+    (variant / ours): "lavis", "shared_kv" (re-encoding / sharing), "fused_pass" (separate / one pass)."""
+    def run(fn):
+        def go():
+            trainer.losses_fn = fn
+            try:
+                trainer.step(batch)
+            finally:
+                trainer.losses_fn = None
+        return go
+
+    variants = {"ours": lambda: trainer.step(batch)}
+    variants.update({name: run(stage1_losses_passes(*flags)) for name, flags in PASS_VARIANTS.items()})
+    timings = bench.time(variants)
     b, seq = batch["input_ids"].shape[0], seq_label(trainer, batch)
-    row(bench, GROUP, "fused passes + shared image K/V (ours)", label, b, seq, timings["fused"],
+    row(bench, GROUP, "ours: one unimodal pass, shared image K/V", label, b, seq, timings["ours"],
         flops=flops_of(trainer, batch), peak_flops=peak, note="features precomputed")
-    row(bench, GROUP, "LAVIS-style separate passes", label, b, seq, timings["unfused"],
-        note="same losses; queries, text, ITM images each encoded on their own")
-    return timings["unfused"].median / timings["fused"].median
+    for name in PASS_VARIANTS:
+        row(bench, GROUP, name, label, b, seq, timings[name], note="same losses")
+    ours = timings["ours"].median
+    names = list(PASS_VARIANTS)
+    return {"shared_kv": timings[names[0]].median / ours, "fused_pass": timings[names[1]].median / ours,
+            "lavis": timings[names[2]].median / ours}
 
 
 # ---- padding ------------------------------------------------------------------------------------
