@@ -50,22 +50,23 @@ class Plan:
     structure: bool  # fused vs LAVIS-style passes, dynamic padding vs pad-to-max
     options: bool  # checkpointing, AdamW variants, DataLoader workers
     compile: bool  # torch.compile on/off (minutes of compilation on CPU)
-    real: str = "real"  # shape names used for the real / ViT-L / demo roles
+    real: str = "real"  # shape names used for the real / ViT-L ("" = skip) / demo roles
     vitl: str = "vitl14"
     demo: str = "demo"
 
 
 PLANS = {
-    "quick": Plan(repeats=3, warmup=1, option_repeats=3, qformer_batch=4, stage1_batch=2, vitl_batch=2, demo_stage1_batch=8,
-                  stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=8, gen_demo=False, structure=False, options=False,
-                  compile=False),
-    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_batch=8, stage1_batch=8, vitl_batch=4, demo_stage1_batch=32,
-                 stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=16, gen_demo=True, structure=True, options=True,
-                 compile=True),
+    "quick": Plan(repeats=3, warmup=1, option_repeats=3, qformer_batch=4, stage1_batch=2, vitl_batch=2,
+                  demo_stage1_batch=8, stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=6,
+                  gen_demo=False, structure=False, options=False, compile=False, vitl=""),
+    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_batch=8, stage1_batch=8, vitl_batch=4,
+                 demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=16,
+                 gen_demo=True, structure=True, options=True, compile=True),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
-    "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_batch=2, stage1_batch=2, vitl_batch=2, demo_stage1_batch=2,
-                  stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2, gen_demo=True, structure=True, options=True,
-                  compile=False, real="smoke", vitl="smoke", demo="smoke"),
+    "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_batch=2, stage1_batch=2, vitl_batch=2,
+                  demo_stage1_batch=2, stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2,
+                  gen_demo=True, structure=True, options=True, compile=False, real="smoke", vitl="smoke",
+                  demo="smoke"),
 }
 
 
@@ -181,21 +182,22 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     from qvlm.bench import stage1 as S1
     from qvlm.bench.harness import SceneFiles, build_trainer, fixed_stage1_batch
 
-    real, vitl, demo = shapes_of(p, "real"), shapes_of(p, "vitl"), shapes_of(p, "demo")
+    real, demo = shapes_of(p, "real"), shapes_of(p, "demo")
     r, found = report["ratios"], report["findings"]
     batch = p.stage1_batch
     if batch_search:
         batch = stage1_batch_search(bench, real, batch, batch_search)
     r["cached_vs_pixels_stage1"] = S1.cached_vs_pixels(bench, real, batch, peak)
-    attempt(bench, "ViT-L/14 cached vs pixels", lambda: r.__setitem__(
-        "cached_vs_pixels_stage1_vitl14", S1.cached_vs_pixels(bench, vitl, p.vitl_batch, peak)))
+    if p.vitl:
+        attempt(bench, "ViT-L/14 cached vs pixels", lambda: r.__setitem__(
+            "cached_vs_pixels_stage1_vitl14", S1.cached_vs_pixels(bench, shapes_of(p, "vitl"), p.vitl_batch, peak)))
     attempt(bench, "demo cached vs pixels", lambda: r.__setitem__(
         "cached_vs_pixels_stage1_demo", S1.cached_vs_pixels(bench, demo, p.demo_stage1_batch, peak)))
     grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
     found["length_grouping_padding_saved"] = grouping["saving"]
     if not p.structure:
-        bench.notes.append("--quick: fused vs LAVIS-style passes, padding, gradient checkpointing, torch.compile, "
-                           "AdamW variants and DataLoader workers are measured by the full run only")
+        bench.notes.append("--quick: ViT-L/14 shapes, fused vs LAVIS-style passes, padding, gradient checkpointing, "
+                           "torch.compile, AdamW variants and DataLoader workers are measured by the full run only")
         return
     trainer = build_trainer(real, bench, stage=1, batch_size=batch)
     files = SceneFiles(bench.work, real.file_size, 2 * batch)
@@ -211,7 +213,8 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
             "dynamic_vs_max_padding_stage1", S1.dynamic_padding(bench, trainer, fixed, real.label)))
         if not p.options:
             return
-        ck = attempt(bench, "stage-1 gradient checkpointing", lambda: S1.checkpointing(bench, trainer, fixed, real.label))
+        ck = attempt(bench, "stage-1 gradient checkpointing",
+                     lambda: S1.checkpointing(bench, trainer, fixed, real.label))
         if ck:
             found["stage1_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
                                              f"{ck['mem_saving_mb']:.0f} MiB lower")

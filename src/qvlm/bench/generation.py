@@ -44,7 +44,8 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
             produced[f"{n}-{use_cache}"] = [len(ids) for ids in out.token_ids]
         return run
 
-    variants = {f"{n}-{c}": caption(n, c) for n in (1, batch_size) for c in ((True, False) if without_cache else (True,))}
+    caches = (True, False) if without_cache else (True,)
+    variants = {f"{n}-{c}": caption(n, c) for n in (1, batch_size) for c in caches}
     timings = bench.time(variants)
     prompt = describe_prompt_len(vlm)
     for key, timing in timings.items():

@@ -7,7 +7,7 @@ import json
 RATIO_GOALS = {"qformer_vs_hf_blip2": 1.2, "cached_vs_pixels_stage1": 1.5}
 RATIO_MEANING = {
     "qformer_vs_hf_blip2": "Q-Former fwd+bwd: transformers Blip2QFormerModel (SDPA) time / ours",
-    "qformer_vs_hf_blip2_eager": "Q-Former fwd+bwd: Blip2QFormerModel with eager (hand-rolled softmax) attention / ours",
+    "qformer_vs_hf_blip2_eager": "Q-Former fwd+bwd: Blip2QFormerModel, eager (hand-rolled) attention / ours",
     "hf_sdpa_vs_eager": "Blip2QFormerModel eager attention / SDPA attention",
     "cached_vs_pixels_stage1": "stage-1 step at ViT-B/16-224: from image files / from cached features",
     "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",

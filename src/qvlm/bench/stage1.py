@@ -248,7 +248,8 @@ def adamw(bench: Bench, trainer: Trainer, label: str) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in params)
     results = {}
-    for name, kwargs in (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("per-tensor", {"foreach": False})):
+    variants = (("fused", {"fused": True}), ("foreach", {"foreach": True}), ("per-tensor", {"foreach": False}))
+    for name, kwargs in variants:
         opt, _ = build_optimizer(trainer.model.parameter_groups(), trainer.cfg.train, fused=kwargs.get("fused", False))
         if "foreach" in kwargs:
             for group in opt.param_groups:
