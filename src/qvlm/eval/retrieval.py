@@ -37,15 +37,16 @@ def encode(model: VLM, batches, sharded: bool = False) -> Encoded:
 
     ``sharded``: each rank got its own batches (``eval_batches(shard=True)``, each with its
     ``chunk`` index); the encodings are gathered so that every rank holds all of them, in order."""
+    host = _to_host if sharded else _stay  # only what is sent to other ranks leaves the device
     done = []
     for i, batch in enumerate(batches):
         emb = image_embeds_of(model, batch)
         out = model.qformer(image_embeds=emb, input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"], mode="unimodal")
         done.append((batch.get("chunk", i), {
-            "emb": emb.cpu(), "img": model.heads.image_feats(out.query).cpu(),
-            "txt": model.heads.text_feat(out.text).cpu(), "ids": batch["input_ids"].cpu(),
-            "mask": batch["attention_mask"].cpu(), "cap": batch["captions"]}))
+            "emb": host(emb), "img": host(model.heads.image_feats(out.query)),
+            "txt": host(model.heads.text_feat(out.text)), "ids": host(batch["input_ids"]),
+            "mask": host(batch["attention_mask"]), "cap": batch["captions"]}))
     parts = D.gather_ordered(done) if sharded else [part for _, part in done]
     if not parts:
         raise ValueError("retrieval evaluation got no usable records")
@@ -56,6 +57,14 @@ def encode(model: VLM, batches, sharded: bool = False) -> Encoded:
     cat = lambda key: torch.cat([p[key] for p in parts]).to(device)  # noqa: E731
     return Encoded(cat("emb"), cat("img"), cat("txt"), pad("ids"), pad("mask"),
                    [c for p in parts for c in p["cap"]])
+
+
+def _to_host(t: Tensor) -> Tensor:
+    return t.cpu()
+
+
+def _stay(t: Tensor) -> Tensor:
+    return t
 
 
 def itc_similarity(enc: Encoded) -> Tensor:
@@ -96,8 +105,8 @@ def rerank(model: VLM, enc: Encoded, sim: Tensor, k: int, images_are_queries: bo
     for n, start in mine:
         i, t = images[start:start + batch_size], texts[start:start + batch_size]
         probs.append((n, itm_match_prob(model.qformer, model.heads, enc.image_embeds[i], enc.input_ids[t],
-                                        enc.attention_mask[t]).cpu()))
-    ordered = D.gather_ordered(probs) if sharded else [p for _, p in probs]
+                                        enc.attention_mask[t])))
+    ordered = D.gather_ordered([(n, p.cpu()) for n, p in probs]) if sharded else [p for _, p in probs]
     scores = torch.full_like(sim, float("-inf"))
     scores[rows, cols] = torch.cat(ordered).to(sim.device) + sim[rows, cols]
     return scores

@@ -10,7 +10,7 @@ Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
 ``F.scaled_dot_product_attention``; the image side of cross-attention is projected once per batch of
 images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
 image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
-computed with respect to the frozen image features. (Fusing the q/k/v GEMMs by concatenating the
+computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them). (Fusing the q/k/v GEMMs by concatenating the
 weights each step was measured on CPU: no faster GEMMs, and the copies cost more, so it was dropped.)
 
 Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
