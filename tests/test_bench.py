@@ -131,7 +131,24 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     assert all(r["model_tflop_per_step"] > 0 and "peak_mem_mb" in r for r in stage2)
 
 
-@pytest.mark.parametrize("argv", [["bench", "--batch-search", "-1"], ["bench", "--precision", "fp16"]])
+def test_bench_sections_in_order_and_json_out_written(tmp_path, capsys):
+    """--sections runs only those, in that order; --json-out holds the final report."""
+    from qvlm.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["bench", "--plan", "smoke", "--device", "cpu", "--precision", "fp32", "--sections",
+                 "generation,qformer", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["sections"] == ["generation", "qformer"] and "partial" not in report
+    groups = [r["group"] for r in report["rows"]]
+    assert groups[0] == "caption generation" and groups[-1].startswith("Q-Former")
+    assert not any(g.startswith("stage-") for g in groups)
+    assert report["ratios"]["qformer_vs_hf_blip2"] > 0 and report["ratios"]["cached_vs_pixels_stage1"] is None
+    assert "caption generation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["bench", "--batch-search", "-1"], ["bench", "--precision", "fp16"],
+                                  ["bench", "--sections", "stage3"], ["bench", "--sections", ","]])
 def test_bench_bad_usage_exits_2(argv):
     from qvlm.cli import main
 

@@ -210,6 +210,17 @@ def test_hard_negative_sampling_is_deterministic_with_a_generator():
     assert torch.equal(a.text_idx, b.text_idx) and torch.equal(a.image_idx, b.image_idx)
 
 
+def test_hard_negatives_draw_where_the_generator_lives_and_ignore_the_sims_dtype():
+    """Training on a GPU keeps the sampling generator on the CPU (checkpointable, the same draws on
+    every device): the weights go to the generator, the indices come back on the sims' device.
+    bf16 sims (autocast) draw exactly what their fp32 values draw."""
+    sims = torch.randn(8, 8, generator=torch.Generator().manual_seed(3)).bfloat16()
+    a = sample_hard_negatives(sims, sims.T, torch.arange(8), generator=torch.Generator().manual_seed(7))
+    b = sample_hard_negatives(sims.float(), sims.T.float(), torch.arange(8), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.text_idx, b.text_idx) and torch.equal(a.image_idx, b.image_idx)
+    assert a.text_idx.device == sims.device and a.text_idx.dtype == torch.long
+
+
 # --------------------------------------------------------------------------------------------- ITM
 
 

@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Speed benchmarks with their references in the same run (benchmarks/RESULTS.md)."""
     import torch
 
-    from qvlm.bench import run_bench
+    from qvlm.bench import SECTIONS, run_bench
     from qvlm.bench.report import table, to_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,8 +234,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          f"{torch.__version__}); use --device cpu")
     if args.batch_search < 0:
         raise UsageError(f"--batch-search must be >= 0, got {args.batch_search}")
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise UsageError(f"--sections: unknown {unknown or args.sections!r}; choose from {','.join(SECTIONS)}")
+    write = None
+    if args.json_out:
+        out = Path(args.json_out)
+
+        def write(report: dict) -> None:  # replaced atomically after every section
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(to_json(report))
+            os.replace(tmp, out)
     report = run_bench(quick=args.quick, device=device, precision=args.precision, plan=args.plan,
-                       batch_search=args.batch_search)
+                       batch_search=args.batch_search, sections=sections, partial=write)
+    if write is not None:
+        write(report)
     print(to_json(report) if args.json else table(report), flush=True)
     return 0
 
@@ -311,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast where the hardware has it (as train.precision)")
     p.add_argument("--batch-search", type=int, default=0, metavar="MAX",
                    help="train steps at real shapes use the largest power-of-two batch up to MAX that fits (GPUs)")
+    p.add_argument("--sections", default="qformer,stage1,stage2,generation", metavar="LIST",
+                   help="comma-separated sections to run, in this order (default: all four)")
+    p.add_argument("--json-out", default=None, metavar="FILE",
+                   help="also write the JSON report to FILE, updated after every section")
     p.add_argument("--plan", choices=["quick", "full", "smoke"], default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
 

@@ -177,9 +177,18 @@ def sample_hard_negatives(
                          f"{tuple(sim_t2i.shape)}, {tuple(targets.shape)}")
     if sim_i2t.shape[1] < 2:
         raise ValueError("hard negatives need at least 2 image-text pairs in the (gathered) batch")
-    text_idx = torch.multinomial(_negative_weights(sim_i2t, targets, same), 1, generator=generator)  # (B, 1)
-    image_idx = torch.multinomial(_negative_weights(sim_t2i, targets, same), 1, generator=generator)  # (B, 1)
-    return HardNegatives(text_idx=text_idx.squeeze(1), image_idx=image_idx.squeeze(1))
+    text_idx = _draw(_negative_weights(sim_i2t, targets, same), generator)
+    image_idx = _draw(_negative_weights(sim_t2i, targets, same), generator)
+    return HardNegatives(text_idx=text_idx, image_idx=image_idx)
+
+
+def _draw(weights: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One column per row, ∝ ``weights`` (B, C) -> (B,) on the weights' device. Drawn where the
+    generator lives (a CPU generator with CUDA weights: on the CPU), so the draw is the same on
+    every device for the same generator state."""
+    where = generator.device if generator is not None else weights.device
+    idx = torch.multinomial(weights.float().to(where), 1, generator=generator)
+    return idx.squeeze(1).to(weights.device)
 
 
 def itm_labels(batch_size: int, device: torch.device | str | None = None) -> Tensor:

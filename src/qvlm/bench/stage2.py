@@ -106,8 +106,28 @@ def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) ->
     return best
 
 
+def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
+    """The same step with the Q-Former and the LLM compiled in place (``nn.Module.compile``); the
+    first calls, which compile, are timed apart."""
+    import time
+
+    model = trainer.model
+    start = time.perf_counter()
+    model.qformer.compile()
+    model.llm.base_model().compile()
+    for _ in range(2):
+        trainer.step(batch)
+    if bench.device.type == "cuda":
+        torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    out = step_rows(bench, trainer, batch, label, peak, name="torch.compile (Q-Former + LLM)",
+                    note=f"first two steps (compiling) took {compile_s:.0f} s")
+    return {"row": out, "compile_s": compile_s}
+
+
 def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | None,
-                 with_checkpointing: bool = False, batch_search: int = 0, option_repeats: int | None = None) -> dict:
+                 with_checkpointing: bool = False, batch_search: int = 0, option_repeats: int | None = None,
+                 with_compile: bool = False) -> dict:
     trainer = build_trainer(shapes, bench, stage=2, batch_size=batch_size)
     note = ""
     if batch_search:
@@ -123,6 +143,12 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
                 out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
             except torch.OutOfMemoryError as exc:
                 bench.notes.append(f"stage-2 gradient checkpointing at batch {batch_size}: out of memory ({exc})"[:300])
+    if with_compile:  # last: it changes the model in place
+        try:
+            out["compile"] = compiled(bench, trainer, batch, shapes.label, peak)
+        except Exception as exc:  # noqa: BLE001 - compilation fails in many ways; the eager rows stand
+            bench.notes.append(f"stage-2 torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
     trainer.opt.zero_grad(set_to_none=True)
-    out["model"] = trainer.model
+    # generation reuses the eager model; a compiled one would recompile at every new sequence length
+    out["model"] = None if "compile" in out else trainer.model
     return out
