@@ -9,9 +9,9 @@ import torch
 
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
-from qvlm.vision_pretrain import (HEADS, IGNORE, ThreadPicker, attribute_accuracy, build_tower, lr_at_progress,
-                                  normalise, predict, readout_loss, render_pool, run_pretrain_vision,
-                                  scene_targets)
+from qvlm.vision_pretrain import (HEADS, IGNORE, SpatialReadout, ThreadPicker, attribute_accuracy, build_tower,
+                                  lr_at_progress, normalise, position_prior, predict, readout_loss, render_pool,
+                                  run_pretrain_vision, scene_targets)
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
             batch_size=8, n_train=32, n_eval=16, progress=False, seed=3)
@@ -103,6 +103,7 @@ def test_tiny_run_saves_a_loadable_tower(tmp_path):
     out = tmp_path / "tower"
     metrics = run_pretrain_vision(out, **TINY)
     saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["readout"] == "spatial"
     assert {"attr_acc", "heldout_attr_acc", "steps", "train_s", "params"} <= set(saved)
     assert saved["steps"] == 5 and 0.0 <= saved["attr_acc"] <= 1.0
     assert metrics["attr_acc"] == saved["attr_acc"]
@@ -120,6 +121,44 @@ def test_tiny_run_saves_a_loadable_tower(tmp_path):
     loaded = AutoModel.from_pretrained(out).state_dict()
     assert init.keys() == loaded.keys()
     assert any(not torch.equal(init[k], loaded[k]) for k in init)
+
+
+def test_position_prior_peaks_at_each_position_and_skips_cls():
+    """8x8 patches of a 64 px image: 'left' (0.2, 0.5) is nearest patch centres in column 1, rows 3-4;
+    'center' (0.5, 0.5) sits on the corner of patches (3,3), (3,4), (4,3), (4,4)."""
+    prior = position_prior(65, sigma=0.1)  # (P, N): [CLS] + 64 patches
+    assert prior.shape == (5, 65) and (prior[:, 0] < -1e3).all()
+    weights = prior.softmax(dim=-1)
+    assert weights[:, 0].max() < 1e-30
+    grid = weights[:, 1:].view(5, 8, 8)
+    left, center = grid[0], grid[4]
+    assert {divmod(int(i), 8) for i in left.flatten().topk(2).indices} == {(3, 1), (4, 1)}
+    assert {divmod(int(i), 8) for i in center.flatten().topk(4).indices} == {(3, 3), (3, 4), (4, 3), (4, 4)}
+    assert torch.allclose(center[3, 3], center[4, 4])
+    with pytest.raises(ValueError, match="square grid"):
+        position_prior(64, sigma=0.1)
+
+
+def test_spatial_readout_pools_one_shared_token_code_per_position():
+    """Each position's logits are its pooling weights' average of the per-token head outputs."""
+    readout = SpatialReadout(num_tokens=17, width=8)
+    tokens = torch.randn(2, 17, 8)
+    out = readout(tokens)
+    assert out.shape == (2, 5, sum(HEADS.values()))
+    per_token = readout.head(tokens)  # (2, 17, H)
+    weights = readout.where.softmax(dim=-1)
+    for p in range(5):
+        assert torch.allclose(out[:, p], (weights[p][None, :, None] * per_token).sum(dim=1), atol=1e-6)
+
+
+def test_tiny_run_with_the_flat_readout(tmp_path):
+    """The default (the tiny run above) is the spatial readout; the flat one still trains and saves."""
+    metrics = run_pretrain_vision(tmp_path / "tower", **TINY, readout="flat")
+    assert metrics["steps"] == 5 and metrics["settings"]["readout"] == "flat"
+    assert (tmp_path / "tower" / "readout.safetensors").is_file()
+    with pytest.raises(ValueError, match="readout must be one of flat, spatial"):
+        run_pretrain_vision(tmp_path / "other", **TINY, readout="pooled")
+    assert not (tmp_path / "other").exists()
 
 
 def test_failing_run_raises_and_writes_nothing(tmp_path):

@@ -154,7 +154,7 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
     from qvlm.vision_pretrain import run_pretrain_vision
 
     metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds,
-                                  target_acc=args.target_acc, progress=not args.json)
+                                  target_acc=args.target_acc, readout=args.readout, progress=not args.json)
     if args.json:
         print_json(metrics)
     else:
@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=150.0, help="time budget, rendering included")
     p.add_argument("--target-acc", type=float, default=0.99,
                    help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
+    p.add_argument("--readout", choices=["spatial", "flat"], default="spatial",
+                   help="spatial (default): a head shared by every token, pooled per position (tokens that "
+                        "describe their own region); flat: one linear layer over all tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 

@@ -191,14 +191,14 @@ def decoder_start_id(tokenizer) -> int:
     raise ValueError("the Q-Former tokenizer has no [DEC], [unused0] or distinct BOS token for ITG")
 
 
-def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
+def build_stream(cfg: Config, model, split: str = "train", progress: bool = True) -> BatchStream:
     """The training stream for ``cfg.data.source``: stage 1 tokenises captions for the Q-Former,
     stage 2 builds chat prompts with image slots for the LLM."""
     from qvlm.sources import load_tokenizer
 
     q = cfg.model.qformer
     qformer_tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
-    features = open_feature_cache(cfg, model, split)
+    features = open_feature_cache(cfg, model, split, progress=progress)
     dataset = open_data(cfg, cfg.data.source, split, decode_images=features is None,
                         rank=D.rank(), world_size=D.world_size(), seed=cfg.train.seed,
                         shuffle=cfg.data.shuffle_shards)
@@ -218,7 +218,7 @@ def build_stream(cfg: Config, model, split: str = "train") -> BatchStream:
                        group_by_length=cfg.data.group_by_length)
 
 
-def open_feature_cache(cfg: Config, model, split: str):
+def open_feature_cache(cfg: Config, model, split: str, progress: bool = True):
     """With ``data.cache_dir`` set: build (or confirm, or rebuild if stale) the cache, then open it."""
     if not cfg.data.cache_dir:
         return None
@@ -226,7 +226,7 @@ def open_feature_cache(cfg: Config, model, split: str):
 
     if D.rank() == 0:
         run_cache_features(cfg.data.source, model.vision, cfg.data.cache_dir, split=split,
-                           augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels, progress=True)
+                           augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels, progress=progress)
     D.barrier()  # the other ranks open the cache only once rank 0 has finished writing it
     return CachedFeatures.open(cfg.data.cache_dir, model.vision)
 

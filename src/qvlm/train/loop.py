@@ -121,7 +121,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     apply_speed_options(model, cfg.train)  # gradient checkpointing, torch.compile
     opt, counts = build_optimizer(model.parameter_groups(), cfg.train)
     log(f"trainable parameters by group: {json.dumps(counts)}; all: {json.dumps(model.parameter_counts())}")
-    stream = build_stream(cfg, model, split="train")
+    stream = build_stream(cfg, model, split="train", progress=progress)
     step_module = accelerator.prepare_model(TrainStep(model, cfg, stream.dec_token_id))
     gen = torch.Generator().manual_seed(cfg.train.seed)  # hard negatives: the same draws on every rank
     if D.rank() > 0:
