@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from qvlm.cli import main
-from qvlm.config import load_config
+from qvlm.config import ConfigError, load_config, validate
 from qvlm.models.vlm import VLM
 from qvlm.train import checkpoint as ckpt
 from qvlm.train.loop import NonFiniteLoss, train
@@ -52,8 +52,11 @@ def test_resume_is_exact(tmp_path):
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')  # rows past the checkpoint, torn by a crash
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # training seconds keep counting across the resume (evals and checkpoints left out)
+    seconds = [r["train_s"] for r in rows if "loss" in r]
+    assert all(b > a > 0 for a, b in zip(seconds, seconds[1:])), seconds
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
@@ -217,3 +220,32 @@ def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     assert [step for step, _ in logged] == [1, 2, 3]
     assert [v for _, v in logged] == pytest.approx([r["loss"] for r in rows if "loss" in r], rel=1e-6)
     assert "train/itc" in events.Tags()["scalars"] and "train/lr" in events.Tags()["scalars"]
+
+
+def test_itm_fraction_scores_the_first_pairs_and_their_negatives(tiny_cfg, monkeypatch):
+    """train.itm_fraction=0.5 on a batch of 4: ITM sees positives 0-1 and the same two hard negatives
+    each that the full batch draws for them, so its logits are rows 0,1 | 4,5 | 8,9 of the full pass."""
+    import qvlm.models.stage1 as S1
+    from qvlm.models.vlm import VLM
+    from qvlm.train.steps import step_losses
+
+    seen = []
+    real = S1.L.itm_loss
+    monkeypatch.setattr(S1.L, "itm_loss", lambda logits, labels: seen.append((logits, labels)) or real(logits, labels))
+    tiny_cfg.model.qformer.dropout = 0.0
+    model = VLM.from_config(tiny_cfg).train()
+    g = torch.Generator().manual_seed(0)
+    batch = {"image_embeds": torch.randn(4, 17, 32, generator=g), "input_ids": torch.randint(1000, 2000, (4, 9), generator=g),
+             "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    full = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    tiny_cfg.train.itm_fraction = 0.5
+    half = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    (full_logits, full_labels), (half_logits, half_labels) = seen
+    rows = torch.tensor([0, 1, 4, 5, 8, 9])
+    assert full_logits.shape == (12, 2) and half_logits.shape == (6, 2)
+    assert torch.allclose(half_logits, full_logits[rows], atol=1e-5)
+    assert half_labels.tolist() == [1, 1, 0, 0, 0, 0] and torch.equal(half_labels, full_labels[rows])
+    assert torch.allclose(full["itc"], half["itc"]) and torch.allclose(full["itg"], half["itg"])
+    tiny_cfg.train.itm_fraction = 0.0
+    with pytest.raises(ConfigError, match="itm_fraction"):
+        validate(tiny_cfg)

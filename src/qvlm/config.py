@@ -124,6 +124,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     losses: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "itg": 1.0})
+    # ITM on the first ceil(f * B) pairs of each (per-process) batch and their two hard negatives:
+    # the ITM pass is about half a stage-1 step, so 0.5 buys more steps in a fixed time
+    itm_fraction: float = 1.0
     lr: float = 1e-4
     lr_qformer: float = 0.0  # 0 = lr
     lr_projector: float = 0.0  # 0 = lr
@@ -314,6 +317,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
         (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm"}, "train.losses", "keys among itc, itm, itg, lm"),
+        (0.0 < cfg.train.itm_fraction <= 1.0, "train.itm_fraction", "in (0, 1]"),
         (all(w >= 0 for w in cfg.train.losses.values()), "train.losses", "non-negative weights"),
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32"),
         (cfg.train.dist_timeout_s > 0, "train.dist_timeout_s", "> 0"),

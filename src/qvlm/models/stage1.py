@@ -10,6 +10,8 @@ and shared by both passes (only negatives gathered from other ranks are projecte
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -72,8 +74,11 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
                   attention_mask: Tensor, weights: dict[str, float], dec_token_id: int,
                   gather: Gather | None = None, rank: int = 0,
                   generator: torch.Generator | None = None,
-                  sum_all: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+                  sum_all: Callable[[Tensor], Tensor] | None = None, itm_fraction: float = 1.0) -> dict[str, Tensor]:
     """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies.
+
+    ``itm_fraction`` < 1: ITM on the first ceil(fraction * B) pairs of this process's batch only
+    (``itm_step``); ITC and ITG always use the whole batch.
 
     Across W ranks, ``gather`` concatenates a tensor from every rank and ``sum_all`` sums one;
     with them, the mean over ranks of each loss equals the loss of one process holding the whole
@@ -93,7 +98,7 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
         terms["itc"], terms["itc_acc"] = itc.loss, (itc.i2t_acc + itc.t2i_acc) / 2
         if "itm" in use:
             itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator,
-                           image_kv=image_kv)
+                           image_kv=image_kv, fraction=itm_fraction)
             terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
     if "itg" in use:
         ids = decoder_input_ids(input_ids, dec_token_id)
@@ -106,11 +111,13 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
 
 def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
              attention_mask: Tensor, itc, gather: Gather | None, rank: int,
-             generator: torch.Generator | None, image_kv: ImageKV | None = None):
-    """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs.
+             generator: torch.Generator | None, image_kv: ImageKV | None = None, fraction: float = 1.0):
+    """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs;
+    with ``fraction`` < 1 on the first k = ceil(fraction * B) positives and their negatives (3k pairs).
 
     ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), reused here."""
     b = image_embeds.shape[0]
+    k = max(1, math.ceil(fraction * b)) if fraction < 1.0 else b
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
     all_ids = gather(input_ids) if gather else input_ids  # (B*W, T*): padded to the longest rank
     all_mask = gather(attention_mask) if gather else attention_mask
@@ -124,10 +131,11 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     caption_id = torch.unique(all_ids * all_mask, dim=0, return_inverse=True)[1]  # (B*W,)
     same = caption_id[:, None] == caption_id[None, :]  # (B*W, B*W)
     negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator, same=same)
-    mine = slice(rank * b, (rank + 1) * b)
+    mine = slice(rank * b, rank * b + k)  # negatives are drawn for every row, whatever k: the same draws
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
     image_kv = qformer.encode_image(image_embeds) if image_kv is None else image_kv
-    own = torch.arange(b, device=image_embeds.device)
+    own = torch.arange(k, device=image_embeds.device)
+    input_ids, attention_mask = input_ids[:k], attention_mask[:k]
     if gather is None:  # one process: the negative images are ours too
         pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3B, H, N, Dh)
     else:
@@ -136,7 +144,7 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
     query = qformer(image_kv=pair_kv, input_ids=ids, attention_mask=mask, mode="bidirectional").query
     logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3B, Q, 2) -> (3B, 2)
-    return L.itm_loss(logits, L.itm_labels(b).to(logits.device))
+    return L.itm_loss(logits, L.itm_labels(k).to(logits.device))
 
 
 def pad_to(tokens: Tensor, length: int) -> Tensor:

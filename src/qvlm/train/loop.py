@@ -48,6 +48,7 @@ class RunState:
     step: int = 0
     best: dict = field(default_factory=dict)
     log: MetricsLog | None = None
+    train_s: float = 0.0  # seconds spent in train steps so far (evals and checkpoints left out)
 
 
 def log(msg: str) -> None:
@@ -142,8 +143,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
         lr = set_lr(opt, state.step, cfg.train)
         terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
         state.step += 1
-        record = {"step": state.step, "lr": lr, **terms,
-                  "samples_per_s": global_batch(cfg) / (time.perf_counter() - t0)}
+        seconds = time.perf_counter() - t0
+        state.train_s += seconds
+        record = {"step": state.step, "lr": lr, **terms, "samples_per_s": global_batch(cfg) / seconds,
+                  "train_s": round(state.train_s, 2)}
         state.log.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{terms['loss']:.3f}")
@@ -197,7 +200,7 @@ def run_eval(cfg, out, model: VLM, state: RunState, eval_fn) -> dict:
     with torch.no_grad():
         metrics = eval_fn(model, cfg)
     model.train()
-    state.log.write({"step": state.step, "eval": metrics})
+    state.log.write({"step": state.step, "train_s": round(state.train_s, 2), "eval": metrics})
     key = metrics.get("primary")
     if key is not None and (not state.best or metrics[key] > state.best["value"]):
         state.best = {"step": state.step, "metric": key, "value": metrics[key]}
@@ -212,7 +215,8 @@ def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -
     if D.rank() != 0:
         return
     root = out / "checkpoints"
-    trainer = {"data": data, "best": state.best, "world_size": D.world_size(), "global_batch": global_batch(cfg)}
+    trainer = {"data": data, "best": state.best, "world_size": D.world_size(), "global_batch": global_batch(cfg),
+               "train_s": state.train_s}
     ckpt.save_checkpoint(root, state.step, model.trainable_state(), opt, cfg, trainer, {"hard_negatives": gen},
                          rank_rngs=rngs[1:])
     keep = {f"step-{state.best['step']}"} if state.best else set()
@@ -235,7 +239,8 @@ def restore(cfg: Config, out: Path, model: VLM, opt, stream: BatchStream, gen) -
     if saved_batch is not None and saved_batch != global_batch(cfg):
         log(f"warning: the global batch was {saved_batch} and is now {global_batch(cfg)} (train.batch_size x "
             "train.grad_accum x processes); set train.batch_size to keep the run's curve")
-    return RunState(step=int(trainer["step"]), best=trainer.get("best") or {})
+    return RunState(step=int(trainer["step"]), best=trainer.get("best") or {},
+                    train_s=float(trainer.get("train_s") or 0.0))
 
 
 def global_batch(cfg: Config) -> int:
