@@ -11,7 +11,6 @@ and shared by both passes (only negatives gathered from other ranks are projecte
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import torch
