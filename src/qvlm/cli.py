@@ -225,7 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Speed benchmarks with their references in the same run (benchmarks/RESULTS.md)."""
     import torch
 
-    from qvlm.bench import SECTIONS, run_bench
+    from qvlm.bench import check_sections, run_bench
     from qvlm.bench.report import table, to_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,9 +235,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch_search < 0:
         raise UsageError(f"--batch-search must be >= 0, got {args.batch_search}")
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = [s for s in sections if s not in SECTIONS]
-    if unknown or not sections:
-        raise UsageError(f"--sections: unknown {unknown or args.sections!r}; choose from {','.join(SECTIONS)}")
+    try:
+        check_sections(sections)
+    except ValueError as exc:
+        raise UsageError(f"--sections {args.sections!r}: {exc}") from exc
     write = None
     if args.json_out:
         out = Path(args.json_out)

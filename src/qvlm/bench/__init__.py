@@ -87,6 +87,13 @@ def load_avg() -> list[float]:
 SECTIONS = ("qformer", "stage1", "stage2", "generation")
 
 
+def check_sections(sections: tuple[str, ...]) -> None:
+    """ValueError unless ``sections`` is a non-empty selection from ``SECTIONS``."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"unknown bench sections {unknown or list(sections)}; choose from {', '.join(SECTIONS)}")
+
+
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", plan: str | None = None,
               batch_search: int = 0, work_dir: str | None = None, progress: bool = True,
               sections: tuple[str, ...] = SECTIONS, partial: Callable[[dict], None] | None = None) -> dict:
@@ -96,6 +103,7 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     from qvlm.bench import flops as FL
     from qvlm.bench.harness import Bench
 
+    check_sections(sections)
     name = plan or ("quick" if quick else "full")
     p = PLANS[name]
     dev = torch.device(device)
@@ -116,9 +124,6 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
             "stage2": ("stage 2", lambda: section_stage2(bench, p, report, peak, batch_search)),
             "generation": ("generation", lambda: section_generation(bench, p, report)),
         }
-        unknown = [s for s in sections if s not in known]
-        if unknown or not sections:
-            raise ValueError(f"unknown bench sections {unknown}; choose from {', '.join(SECTIONS)}")
         report["sections"] = list(sections)
         for key in sections:
             title, run = known[key]

@@ -9,12 +9,15 @@ cached-feature path). Also: gradient checkpointing on/off, and the largest batch
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, Trainer, build_trainer, row, to_device
 from qvlm.bench.shapes import Shapes
+from qvlm.bench.timing import synchronizer
 
 GROUP = "stage-2 train step"
 
@@ -109,16 +112,13 @@ def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) ->
 def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
     """The same step with the Q-Former and the LLM compiled in place (``nn.Module.compile``); the
     first calls, which compile, are timed apart."""
-    import time
-
     model = trainer.model
     start = time.perf_counter()
     model.qformer.compile()
     model.llm.base_model().compile()
     for _ in range(2):
         trainer.step(batch)
-    if bench.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronizer(bench.device)()
     compile_s = time.perf_counter() - start
     out = step_rows(bench, trainer, batch, label, peak, name="torch.compile (Q-Former + LLM)",
                     note=f"first two steps (compiling) took {compile_s:.0f} s")

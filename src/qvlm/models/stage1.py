@@ -116,7 +116,7 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
 
     ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), reused here."""
     b = image_embeds.shape[0]
-    k = max(1, math.ceil(fraction * b)) if fraction < 1.0 else b
+    k = max(1, math.ceil(fraction * b))  # b when fraction is 1
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
     all_ids = gather(input_ids) if gather else input_ids  # (B*W, T*): padded to the longest rank
     all_mask = gather(attention_mask) if gather else attention_mask
@@ -136,13 +136,13 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     own = torch.arange(k, device=image_embeds.device)
     input_ids, attention_mask = input_ids[:k], attention_mask[:k]
     if gather is None:  # one process: the negative images are ours too
-        pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3B, H, N, Dh)
+        pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3k, H, N, Dh)
     else:
         pair_kv = ImageKV.cat([image_kv.select(torch.cat([own, own])), qformer.encode_image(all_images[neg_image])])
-    ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3B, T)
+    ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3k, T)
     mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
     query = qformer(image_kv=pair_kv, input_ids=ids, attention_mask=mask, mode="bidirectional").query
-    logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3B, Q, 2) -> (3B, 2)
+    logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3k, Q, 2) -> (3k, 2)
     return L.itm_loss(logits, L.itm_labels(k).to(logits.device))
 
 
