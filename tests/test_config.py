@@ -49,6 +49,7 @@ def test_unknown_keys_name_the_key(override, key):
         ("train.losses={xyz: 1}", "train.losses"),
         ("model.llm.use_lora=maybe", "model.llm.use_lora"),
         ("model.vision=3", "model.vision"),
+        ("data.caption_prob=1.5", "data.caption_prob"),
     ],
 )
 def test_bad_types_and_values_name_the_key(override, key):

@@ -13,6 +13,7 @@ from qvlm.losses import (
     combine,
     itc_loss,
     itg_loss,
+    itg_loss_from_hidden,
     itm_labels,
     itm_logits_from_queries,
     itm_loss,
@@ -277,6 +278,25 @@ def test_itg_ignores_padding_last_position_and_first_token():
     changed = itg_logits()
     changed[1, 0] += torch.tensor([0.0, 5.0, 0.0])  # a supervised position does matter
     assert not torch.allclose(itg_loss(changed, IDS, MASK).loss, base)
+
+
+def test_itg_from_hidden_runs_the_head_on_caption_tokens_only_and_equals_itg_loss():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 4, 5)  # (B, T, D)
+    head = torch.nn.Linear(5, 3)
+    seen: list[int] = []
+
+    def counting_head(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h.shape[0])
+        return head(h)
+
+    out = itg_loss_from_hidden(hidden, counting_head, IDS, MASK)
+    full = itg_loss(head(hidden), IDS, MASK)
+    assert seen == [4]  # 3 positions of row 0 + 1 of row 1: no padding, no last position
+    assert out.tokens.item() == full.tokens.item() == 4
+    assert out.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="no supervised tokens"):
+        itg_loss_from_hidden(hidden, head, IDS, torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]]))
 
 
 def test_lm_loss_ignores_minus_100_and_matches_hand_value():

@@ -122,3 +122,16 @@ def test_stage2_loss_equals_full_logits_loss(stage2_model):
         fast = stage2_losses(model, batch, cfg)["loss"]
         full = L.lm_loss(model(ids, mask, image_mask, image_embeds=feats).logits, labels).loss
     assert torch.allclose(fast, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("prob,kinds", [(1.0, {"caption"}), (0.0, {"qa"})])
+def test_data_caption_prob_reaches_the_stage2_stream(stage2_model, prob, kinds):
+    """``data.caption_prob`` decides caption vs question-answer samples for synthetic scenes (each
+    has both): 1 trains on captions only, 0 on answers only."""
+    from qvlm.train.batches import build_stream
+
+    model = VLM.from_pretrained(stage2_model / "model")
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"data.caption_prob={prob}"])
+    batch = build_stream(cfg, model, progress=False).next_batch(torch.device("cpu"))
+    got = {"caption" if t == c else "qa" for t, c in zip(batch["targets"], batch["captions"])}
+    assert got == kinds and len(batch["targets"]) == cfg.train.batch_size

@@ -114,6 +114,9 @@ class DataConfig:
     cache_dir: str = ""  # frozen-feature cache; "" = off
     group_by_length: bool = False
     augment: bool = False
+    # Stage 2, records with both a caption and question-answer pairs: the share of samples that
+    # train on the caption (the rest on one of the pairs).
+    caption_prob: float = 0.5
 
 
 @dataclass
@@ -324,6 +327,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr", "> 0"),
         (cfg.data.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
+        (0.0 <= cfg.data.caption_prob <= 1.0, "data.caption_prob", "in [0, 1]"),
     ]
     for ok, key, expected in checks:
         if not ok:

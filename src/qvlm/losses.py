@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +233,20 @@ def itg_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor,
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, T)
     loss, tokens = _next_token_ce(logits, labels, label_smoothing)
     return ItgOutput(loss=loss, tokens=tokens)
+
+
+def itg_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], input_ids: Tensor,
+                         attention_mask: Tensor) -> ItgOutput:
+    """``itg_loss(head(hidden), input_ids, attention_mask)`` with ``head`` (the vocabulary
+    projection) run only on the S positions that predict a caption token: hidden (B, T, D) ->
+    (S, V) logits instead of (B, T, V). Padding and the last position are most of the rest."""
+    targets = input_ids[:, 1:]  # (B, T-1): position t predicts token t + 1
+    supervised = attention_mask[:, 1:] != 0
+    tokens = supervised.sum()
+    if tokens.item() == 0:
+        raise ValueError("batch has no supervised tokens")
+    logits = head(hidden[:, :-1][supervised])  # (S, V)
+    return ItgOutput(loss=F.cross_entropy(logits.float(), targets[supervised]), tokens=tokens)
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> LmOutput:

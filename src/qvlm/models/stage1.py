@@ -103,7 +103,7 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
         ids = decoder_input_ids(input_ids, dec_token_id)
         text = qformer(input_ids=ids, attention_mask=attention_mask, query_cache=out.query_cache,
                        mode="causal").text  # (B, T, Dq)
-        itg = L.itg_loss(heads.lm_head(text), ids, attention_mask)
+        itg = L.itg_loss_from_hidden(text, heads.lm_head, ids, attention_mask)  # LM head on caption tokens only
         terms["itg"] = itg.loss if sum_all is None else global_token_mean(itg.loss, itg.tokens, sum_all)
     return L.combine(terms, {k: w for k, w in weights.items() if k in use})
 

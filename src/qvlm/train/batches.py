@@ -212,7 +212,7 @@ def build_stream(cfg: Config, model, split: str = "train", progress: bool = True
 
         collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q.num_queries, cfg.model.llm,
                                  max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
-                                 features=features, seed=cfg.train.seed)
+                                 features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob)
     return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
                        group_by_length=cfg.data.group_by_length)
