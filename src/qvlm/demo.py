@@ -37,16 +37,16 @@ def full_plan() -> Plan:
     return Plan(
         config="demo.yaml",
         vision={"max_seconds": 150.0, "target_acc": 0.99},
-        shared=["data.source=synth:n=20000", "eval.batch_size=64"],
+        shared=["data.source=synth:n=14000", "eval.batch_size=64"],  # > one epoch of stage 1
         # ITM is left out of the demo's short stage 1: in a 150-step run it never left its label
         # prior yet cost half of each step (benchmarks/RESULTS.md); ITC + ITG get the time instead.
         # Stage 1 gets most of the budget: an ITG sample costs a seventh of a stage-2 sample, and
         # the Q-Former's own captions went from color_shape 0.27 at 200 steps to 0.53 at 600.
-        stage1=["train.max_steps=450", "train.lr=5e-4", "train.batch_size=32", "train.eval_every=0",
+        stage1=["train.max_steps=340", "train.lr=5e-4", "train.batch_size=32", "train.eval_every=0",
                 "train.losses={itc: 1, itg: 1}", "eval.itm_rerank_k=0"],
         # Stage 2 keeps the stage-1 Q-Former as it is and teaches the projector (at a higher lr) and
         # LoRA to read it; most samples are captions, the rest question-answer pairs.
-        stage2=["train.max_steps=160", "train.lr=3e-4", "train.batch_size=8", "train.lr_lora=2e-4",
+        stage2=["train.max_steps=130", "train.lr=3e-4", "train.batch_size=8", "train.lr_lora=2e-4",
                 "train.lr_projector=1e-3", "train.freeze_qformer=true", "data.caption_prob=0.8"],
         n_eval=200,
     )
@@ -100,6 +100,7 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume
     stage1 = finished_eval(out / "stage1") if resume else None
     if stage1 is None:
         stage1 = train(cfg1, out / "stage1", resume=resume, eval_fn=evaluate_retrieval, progress=progress)["eval"]
+    stage1 = {**stage1, **qformer_captions(out / "stage1" / "model", cfg1, plan.n_eval, progress)}
     log("3/5 stage 2: projector + LoRA on the LLM")
     cfg2 = load_config(config_file(plan.config), [*common, "train.stage=2", f"eval.max_samples={plan.n_eval}",
                                                   f"train.init_from={out / 'stage1' / 'model'}", *plan.stage2])
@@ -122,6 +123,17 @@ def finished_eval(run: Path) -> dict | None:
     return rows[-1]["eval"] if rows else None
 
 
+def qformer_captions(model_dir: Path, cfg, n_eval: int, progress: bool) -> dict:
+    """Scene scores of the stage-1 Q-Former's own greedy captions (ITG head, no LLM) on the test
+    scenes: what the queries carry into stage 2."""
+    from qvlm.eval.stage2 import evaluate_captions
+    from qvlm.models.vlm import VLM
+
+    model = VLM.from_pretrained(model_dir).eval()
+    test, _ = evaluate_captions(model, cfg, split="test", max_samples=n_eval, progress=progress)
+    return {f"qformer_{k}": test[k] for k in ("color_shape_acc", "count_acc", "exact_match")}
+
+
 def evaluate(out: Path, cfg, n_eval: int, progress: bool) -> dict:
     from qvlm.eval.retention import retention_report
     from qvlm.eval.stage2 import evaluate_captions
@@ -142,7 +154,8 @@ def summary(vision: dict, stage1: dict, results: dict, wall_s: float) -> dict:
     test, held, ret = results["test"], results["heldout"], results["retention"]
     return {
         "vision": {"attr_acc": vision["attr_acc"], "heldout_attr_acc": vision.get("heldout_attr_acc")},
-        "stage1": {k: stage1[k] for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itc_i2t_r1", "itc_t2i_r1", "n")},
+        "stage1": {k: stage1[k] for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itc_i2t_r1", "itc_t2i_r1", "n",
+                                           "qformer_color_shape_acc", "qformer_count_acc", "qformer_exact_match")},
         "stage2": {
             "color_shape_acc": test["color_shape_acc"], "count_acc": test["count_acc"],
             "exact_match": test["exact_match"], "cider": test["cider"], "bleu4": test["bleu4"],
