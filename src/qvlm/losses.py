@@ -238,15 +238,24 @@ def itg_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor,
 def itg_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], input_ids: Tensor,
                          attention_mask: Tensor) -> ItgOutput:
     """``itg_loss(head(hidden), input_ids, attention_mask)`` with ``head`` (the vocabulary
-    projection) run only on the S positions that predict a caption token: hidden (B, T, D) ->
-    (S, V) logits instead of (B, T, V). Padding and the last position are most of the rest."""
-    targets = input_ids[:, 1:]  # (B, T-1): position t predicts token t + 1
-    supervised = attention_mask[:, 1:] != 0
+    projection) run only on the positions that predict a caption token (``lm_loss_from_hidden``)."""
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, T)
+    out = lm_loss_from_hidden(hidden, head, labels)
+    return ItgOutput(loss=out.loss, tokens=out.tokens)
+
+
+def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor) -> LmOutput:
+    """``lm_loss(head(hidden), labels)`` with ``head`` (the vocabulary projection) run only on the
+    S positions that have a label: hidden (B, T, D) -> (S, V) logits instead of (B, T, V). With a
+    large vocabulary the logits of the prompt, the padding and the last position are most of the
+    head's cost and memory."""
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
+    supervised = targets != IGNORE_INDEX
     tokens = supervised.sum()
     if tokens.item() == 0:
         raise ValueError("batch has no supervised tokens")
     logits = head(hidden[:, :-1][supervised])  # (S, V)
-    return ItgOutput(loss=F.cross_entropy(logits.float(), targets[supervised]), tokens=tokens)
+    return LmOutput(loss=F.cross_entropy(logits.float(), targets[supervised]), tokens=tokens)
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> LmOutput:

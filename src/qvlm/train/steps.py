@@ -7,7 +7,6 @@ absent) and ignores the stage-1 terms.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qvlm import losses as L
@@ -47,10 +46,8 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
     hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    supervised = targets != L.IGNORE_INDEX
-    logits = model.llm.logits(hidden[:, :-1][supervised])  # (S, V): the LM head only where there is a label
-    loss = F.cross_entropy(logits.float(), targets[supervised])
+    lm = L.lm_loss_from_hidden(hidden, model.llm.logits, batch["labels"])  # the LM head only where there is a label
+    loss = lm.loss
     if D.is_distributed():  # the whole batch's token mean, not the mean of per-rank means
-        loss = global_token_mean(loss, supervised.sum(), D.all_reduce_sum)
+        loss = global_token_mean(loss, lm.tokens, D.all_reduce_sum)
     return L.combine({"lm": loss}, {"lm": cfg.train.losses.get("lm", 1.0)})
