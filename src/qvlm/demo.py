@@ -130,7 +130,7 @@ def qformer_captions(model_dir: Path, cfg, n_eval: int, progress: bool) -> dict:
     from qvlm.models.vlm import VLM
 
     model = VLM.from_pretrained(model_dir).eval()
-    test, _ = evaluate_captions(model, cfg, split="test", max_samples=n_eval, progress=progress)
+    test, _ = evaluate_captions(model, cfg, split="test", max_samples=n_eval, progress=progress, coco=False)
     return {f"qformer_{k}": test[k] for k in ("color_shape_acc", "count_acc", "exact_match")}
 
 
