@@ -7,7 +7,8 @@ set by ``mode``: "unimodal" (ITC), "bidirectional" (ITM), "causal" (ITG). Refere
 implementations: LAVIS ``lavis/models/blip2_models/Qformer.py`` and HF ``Blip2QFormerModel``.
 
 Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
-``F.scaled_dot_product_attention``; the image side of cross-attention is projected once per batch of
+``F.scaled_dot_product_attention`` (on CPU, training on short sequences uses its math kernel,
+``attention_kernel``); the image side of cross-attention is projected once per batch of
 images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
 image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
 computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them). (Fusing the q/k/v GEMMs by concatenating the
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from qvlm.models.attention_kernel import sdpa
 
 MODES = ("unimodal", "bidirectional", "causal")
 OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")  # positions start at pad+1
@@ -108,7 +111,7 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+S, Dh)
         p = self.attn_dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh)
+        h = sdpa(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh); CPU kernel choice: attention_kernel
         h = h.transpose(1, 2).flatten(2)  # (B, L, Dq)
         return self.norm(x + self.dropout(self.dense(h))), (k, v)
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from qvlm import losses as L
 from qvlm.config import Config
+from qvlm.models.attention_kernel import training_kernel
 from qvlm.models.stage1 import global_token_mean, stage1_losses
 from qvlm.models.vlm import VLM
 from qvlm.train import distributed as D
@@ -45,7 +46,8 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
-    hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
+    with training_kernel(embeds.device, embeds.shape[1], torch.is_grad_enabled()):  # math on short CPU sequences
+        hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
     lm = L.lm_loss_from_hidden(hidden, model.llm.logits, batch["labels"])  # the LM head only where there is a label
     loss = lm.loss
     if D.is_distributed():  # the whole batch's token mean, not the mean of per-rank means
