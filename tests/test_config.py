@@ -50,6 +50,7 @@ def test_unknown_keys_name_the_key(override, key):
         ("model.llm.use_lora=maybe", "model.llm.use_lora"),
         ("model.vision=3", "model.vision"),
         ("data.caption_prob=1.5", "data.caption_prob"),
+        ("train.replay_batch_size=0", "train.replay_batch_size"),
     ],
 )
 def test_bad_types_and_values_name_the_key(override, key):

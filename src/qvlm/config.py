@@ -117,6 +117,9 @@ class DataConfig:
     # Stage 2, records with both a caption and question-answer pairs: the share of samples that
     # train on the caption (the rest on one of the pairs).
     caption_prob: float = 0.5
+    # Stage 2 text replay (train.losses.replay > 0): instructions whose base-model answers are
+    # replayed, one per line; "" = the packaged list (qvlm/train/replay_prompts.txt).
+    replay_prompts: str = ""
 
 
 @dataclass
@@ -130,6 +133,9 @@ class TrainConfig:
     # ITM on the first ceil(f * B) pairs of each (per-process) batch and their two hard negatives:
     # the ITM pass is about half a stage-1 step, so 0.5 buys more steps in a fixed time
     itm_fraction: float = 1.0
+    # Stage 2 with train.losses.replay > 0: text-only samples per step whose targets are the base
+    # LLM's own answers (qvlm.train.replay), so the adapters leave plain chat as it was
+    replay_batch_size: int = 2
     lr: float = 1e-4
     lr_qformer: float = 0.0  # 0 = lr
     lr_projector: float = 0.0  # 0 = lr
@@ -319,7 +325,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_steps >= 0, "train.max_steps", ">= 0"),
         (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1"),
-        (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm"}, "train.losses", "keys among itc, itm, itg, lm"),
+        (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm", "replay"}, "train.losses",
+         "keys among itc, itm, itg, lm, replay"),
+        (cfg.train.replay_batch_size >= 1, "train.replay_batch_size", ">= 1"),
         (0.0 < cfg.train.itm_fraction <= 1.0, "train.itm_fraction", "in (0, 1]"),
         (all(w >= 0 for w in cfg.train.losses.values()), "train.losses", "non-negative weights"),
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32"),

@@ -42,11 +42,11 @@ def full_plan() -> Plan:
         # prior yet cost half of each step (benchmarks/RESULTS.md); ITC + ITG get the time instead.
         # Stage 1 gets most of the budget: an ITG sample costs a seventh of a stage-2 sample, and
         # the Q-Former's own captions went from color_shape 0.27 at 200 steps to 0.53 at 600.
-        stage1=["train.max_steps=300", "train.lr=5e-4", "train.batch_size=32", "train.eval_every=0",
+        stage1=["train.max_steps=380", "train.lr=5e-4", "train.batch_size=32", "train.eval_every=0",
                 "train.losses={itc: 1, itg: 1}", "eval.itm_rerank_k=0"],
         # Stage 2 keeps the stage-1 Q-Former as it is and teaches the projector (at a higher lr) and
         # LoRA to read it; most samples are captions, the rest question-answer pairs.
-        stage2=["train.max_steps=100", "train.lr=3e-4", "train.batch_size=8", "train.lr_lora=2e-4",
+        stage2=["train.max_steps=140", "train.lr=3e-4", "train.batch_size=8", "train.lr_lora=2e-4",
                 "train.lr_projector=1e-3", "train.freeze_qformer=true", "data.caption_prob=0.8"],
         n_eval=200,
     )
@@ -104,10 +104,11 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume
     log("3/5 stage 2: projector + LoRA on the LLM")
     cfg2 = load_config(config_file(plan.config), [*common, "train.stage=2", f"eval.max_samples={plan.n_eval}",
                                                   f"train.init_from={out / 'stage1' / 'model'}", *plan.stage2])
+    model = None  # the trained model stays in memory for the evaluation (no second GGUF load)
     if not (resume and (out / "stage2" / "model" / "config.yaml").is_file()):
-        train(cfg2, out / "stage2", resume=resume, progress=progress)
+        model = train(cfg2, out / "stage2", resume=resume, progress=progress, return_model=True)["model"]
     log("4/5 evaluating captions, held-out composition and retention")
-    results = evaluate(out, cfg2, plan.n_eval, progress)
+    results = evaluate(out, cfg2, plan.n_eval, progress, model)
     metrics = summary(vision, stage1, results, time.perf_counter() - start)
     log("5/5 writing the report")
     write_report(out, metrics, results)
@@ -134,14 +135,17 @@ def qformer_captions(model_dir: Path, cfg, n_eval: int, progress: bool) -> dict:
     return {f"qformer_{k}": test[k] for k in ("color_shape_acc", "count_acc", "exact_match")}
 
 
-def evaluate(out: Path, cfg, n_eval: int, progress: bool) -> dict:
+def evaluate(out: Path, cfg, n_eval: int, progress: bool, model=None) -> dict:
+    """Captions on the test and held-out scenes (COCO metrics on the test ones only: the summary
+    reports scene scores for the held-out ones) and retention, of ``model`` or the saved stage-2 model."""
     from qvlm.eval.retention import retention_report
     from qvlm.eval.stage2 import evaluate_captions
     from qvlm.models.vlm import VLM
 
-    model = VLM.from_pretrained(out / "stage2" / "model").eval()
+    model = (model if model is not None else VLM.from_pretrained(out / "stage2" / "model")).eval()
     test, test_samples = evaluate_captions(model, cfg, split="test", max_samples=n_eval, progress=progress)
-    held, held_samples = evaluate_captions(model, cfg, split="heldout", max_samples=n_eval, progress=progress)
+    held, held_samples = evaluate_captions(model, cfg, split="heldout", max_samples=n_eval, progress=progress,
+                                           coco=False)
     retention = retention_report(model.llm)
     if (out / "model").exists():
         shutil.rmtree(out / "model")

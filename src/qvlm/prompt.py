@@ -41,7 +41,7 @@ class Example:
 
     input_ids: list[int]  # (T,)
     labels: list[int]  # (T,) IGNORE except the target tokens + end-of-turn token(s)
-    image_mask: list[bool]  # (T,) exactly Q True: the image slots
+    image_mask: list[bool]  # (T,) exactly Q True: the image slots (none in a text-only sample)
     target: str | None  # None: a generation prompt
     truncated: bool = False  # the target was cut to fit max_len
 
@@ -134,12 +134,17 @@ def build_example(tokenizer, num_queries: int, user: str, target: str | None, sy
     """One sample: [system] user(image slots + text) [assistant target + end of turn].
 
     ``target=None`` gives a generation prompt (ending with the assistant header, nothing supervised).
+    ``num_queries=0`` gives a text-only sample: the user text as it is, no image slots (text replay).
     ``max_len`` bounds T by truncating the target only; a prompt longer than it is a ``PromptError``."""
-    if num_queries < 1:
-        raise PromptError(f"num_queries must be >= 1, got {num_queries}")
-    content = user if placeholder in user else f"{placeholder}\n{user}"
+    if num_queries < 0:
+        raise PromptError(f"num_queries must be >= 0, got {num_queries}")
+    content = user if placeholder in user or not num_queries else f"{placeholder}\n{user}"
     prompt, completion = render(tokenizer, system, content, target)
-    ids, mask = image_prompt_ids(tokenizer, prompt, num_queries, placeholder)  # (P,)
+    if num_queries:
+        ids, mask = image_prompt_ids(tokenizer, prompt, num_queries, placeholder)  # (P,)
+    else:
+        ids = encode(tokenizer, prompt)
+        mask = [False] * len(ids)
     scaffold, body, eot = ([], [], []) if target is None else [
         encode(tokenizer, s) for s in split_completion(completion, target)]
     fixed = len(ids) + len(scaffold)

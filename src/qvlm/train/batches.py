@@ -8,6 +8,7 @@ granularity through the dataset's own ``state_dict``. Skipped records are counte
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterator
 
 import torch
@@ -88,6 +89,7 @@ class BatchStream:
             self.grouped = LengthGroupedSampler(dataset.caption_lengths(), batch_size, seed=seed,
                                                 rank=D.rank(), world_size=D.world_size())
         self.counter = SkipCounter()
+        self.replay = None  # stage 2 text replay (qvlm.train.replay.ReplayBatches): batch["replay"]
         self._it: Iterator | None = None
         if not self.streaming and len(self.sampler.order()) == 0:
             raise ValueError("the training data source holds no records")
@@ -123,7 +125,10 @@ class BatchStream:
                 continue
             self.account(batch)
             if batch.get("input_ids") is not None and len(batch["input_ids"]) > 0:
-                return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                if self.replay is not None:
+                    batch["replay"] = self.replay.next_batch(device)
+                return batch
         raise RuntimeError(f"no usable records in the data source ({self.counter.summary()})")
 
     def account(self, batch: dict) -> None:
@@ -144,6 +149,8 @@ class BatchStream:
                  "counts": self.counter.to_dict()}
         if self.streaming and hasattr(self.dataset, "state_dict"):
             state["dataset"] = self.dataset.state_dict()
+        if self.replay is not None:  # the same on every rank (each reads its own replay rows)
+            state["replay"] = self.replay.state_dict()
         if D.is_distributed():
             state = merge_rank_states(D.all_gather_object(state))
         return state
@@ -155,6 +162,8 @@ class BatchStream:
         self.counter = SkipCounter(**state.get("counts", {})) if D.rank() == 0 else SkipCounter()
         if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self._it = None
 
     def summary(self) -> str:
@@ -213,9 +222,30 @@ def build_stream(cfg: Config, model, split: str = "train", progress: bool = True
         collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q.num_queries, cfg.model.llm,
                                  max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
                                  features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob)
-    return BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
-                       num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
-                       group_by_length=cfg.data.group_by_length)
+    stream = BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
+                         num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
+                         group_by_length=cfg.data.group_by_length)
+    if cfg.train.stage == 2 and cfg.train.losses.get("replay", 0) > 0:
+        stream.replay = build_replay(cfg, model)
+    return stream
+
+
+def build_replay(cfg: Config, model):
+    """Stage-2 text replay: the base LLM answers the replay instructions (adapters off), and those
+    answers become text-only samples. Answers naming a retention fact's keyword are dropped."""
+    from qvlm.eval.retention import FACTS
+    from qvlm.train.replay import ReplayBatches, base_answers, load_prompts, replay_examples
+
+    prompts = load_prompts(cfg.data.replay_prompts)
+    replay = base_answers(model.llm, prompts, exclude=[k for f in FACTS for k in f.keywords])
+    if D.rank() == 0:
+        print(f"text replay: {len(replay.pairs)} base-model answers to {len(prompts)} instructions "
+              f"(dropped: {replay.dropped})", file=sys.stderr, flush=True)
+    tok = model.llm.tokenizer
+    examples = replay_examples(tok, replay.pairs, cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET)
+    # each rank its own permutation (seed + rank); all ranks move in step, so rank 0's saved position
+    # resumes every rank
+    return ReplayBatches(examples, cfg.train.replay_batch_size, tok.pad_token_id, seed=cfg.train.seed + D.rank())
 
 
 def open_feature_cache(cfg: Config, model, split: str, progress: bool = True):

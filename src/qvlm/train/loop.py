@@ -105,11 +105,13 @@ def build_model(cfg: Config) -> VLM:
 
 def train(cfg: Config, out: str | Path, resume: bool = False,
           eval_fn: Callable[[VLM, Config], dict] | None = None, progress: bool = True,
-          stop_at_step: int | None = None) -> dict:
+          stop_at_step: int | None = None, return_model: bool = False) -> dict:
     """Run ``cfg.train.max_steps`` optimiser steps; returns the final metrics.
 
     ``stop_at_step`` ends the run early with a checkpoint (as if interrupted there), keeping the
-    schedule of the full run; ``resume=True`` then continues it."""
+    schedule of the full run; ``resume=True`` then continues it. ``return_model`` adds the trained
+    model (the weights just saved to ``OUT/model``) as ``"model"``, so a caller that evaluates next
+    need not load the base models again."""
     out = Path(out)
     accelerator = D.setup(cfg.train.dist_timeout_s)
     device = accelerator.device
@@ -157,7 +159,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
             state.log.close()
             return {"step": state.step, "stopped": True}
     bar.close()
-    return finish(cfg, out, model, opt, stream, gen, state, eval_fn)
+    result = finish(cfg, out, model, opt, stream, gen, state, eval_fn)
+    return {**result, "model": model} if return_model else result
 
 
 def train_step(step_module: nn.Module, accelerator, model: VLM, opt, stream: BatchStream, cfg: Config,

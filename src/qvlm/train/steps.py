@@ -1,7 +1,7 @@
 """The loss of one micro-batch for each stage, as named terms (``loss`` is what gets back-propagated).
 
 Stage 1 uses the ITC/ITM/ITG weights of ``train.losses``; stage 2 uses its ``lm`` weight (1 when
-absent) and ignores the stage-1 terms.
+absent) and, with text replay on, its ``replay`` weight, and ignores the stage-1 terms.
 """
 
 from __future__ import annotations
@@ -48,8 +48,21 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
     with training_kernel(embeds.device, embeds.shape[1], torch.is_grad_enabled()):  # math on short CPU sequences
         hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
-    lm = L.lm_loss_from_hidden(hidden, model.llm.logits, batch["labels"])  # the LM head only where there is a label
-    loss = lm.loss
+    terms = {"lm": lm_loss(model, hidden, batch["labels"])}
+    weights = {"lm": cfg.train.losses.get("lm", 1.0)}
+    if "replay" in batch:  # text-only samples answered by the base model (qvlm.train.replay)
+        replay = batch["replay"]
+        text = model.llm.embed(replay["input_ids"])  # (R, T', Dlm), no image slots
+        with training_kernel(text.device, text.shape[1], torch.is_grad_enabled()):
+            hidden = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
+        terms["replay"] = lm_loss(model, hidden, replay["labels"])
+        weights["replay"] = cfg.train.losses.get("replay", 0.0)
+    return L.combine(terms, weights)
+
+
+def lm_loss(model: VLM, hidden: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean next-token loss at the labelled positions (over all ranks' tokens when distributed)."""
+    lm = L.lm_loss_from_hidden(hidden, model.llm.logits, labels)  # the LM head only where there is a label
     if D.is_distributed():  # the whole batch's token mean, not the mean of per-rank means
-        loss = global_token_mean(loss, lm.tokens, D.all_reduce_sum)
-    return L.combine({"lm": loss}, {"lm": cfg.train.losses.get("lm", 1.0)})
+        return global_token_mean(lm.loss, lm.tokens, D.all_reduce_sum)
+    return lm.loss
