@@ -1,8 +1,9 @@
 """SDPA on CPU: the math kernel against the flash kernel, forward + backward, at the sequence lengths
 qvlm trains on. What ``qvlm.models.attention_kernel`` decides from (math up to 128 tokens when a
 gradient flows, else PyTorch's choice). The two kernels run interleaved round by round on the same
-inputs; each row prints the median milliseconds, tokens/s and the ratio flash / math (> 1: math is
-faster). Usage:
+inputs; each row prints the median milliseconds, tokens/s, the ratio flash / math (> 1: math is
+faster) and the memory the math kernel adds: its (B, H, Lq, Lk) score matrix, kept for the backward
+as scores and probabilities (counted, not sampled: the flash kernel keeps only (B, H, Lq)). Usage:
 
     python benchmarks/bench_attention_kernel.py [--rounds 7] [--dtype bf16|fp32] [--forward-only]
 """
@@ -62,7 +63,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
           f"{'forward + backward' if grad else 'forward only'}, median of {args.rounds} rounds")
     print(f"{'shape':<60} {'B':>3} {'H':>3} {'Lq':>4} {'Lk':>4} {'flash ms':>9} {'math ms':>8} "
-          f"{'math tok/s':>11} {'flash/math':>10}")
+          f"{'math tok/s':>11} {'flash/math':>10} {'math +MiB':>9}")
     for name, b, h, lq, lk, d, mask in SHAPES:
         q, k, v, m = inputs(b, h, lq, lk, d, mask, dtype, grad)
         for backend in kernels.values():  # warm-up
@@ -72,8 +73,9 @@ def main() -> None:
             for key, backend in kernels.items():
                 times[key].append(run_once(backend, q, k, v, m, grad))
         flash, math_ = (statistics.median(times[key]) * 1000 for key in ("flash", "math"))
+        extra_mib = 2 * b * h * lq * lk * q.element_size() / 2**20  # scores + probabilities
         print(f"{name:<60} {b:>3} {h:>3} {lq:>4} {lk:>4} {flash:>9.2f} {math_:>8.2f} "
-              f"{b * lq / math_ * 1000:>11.0f} {flash / math_:>10.2f}")
+              f"{b * lq / math_ * 1000:>11.0f} {flash / math_:>10.2f} {extra_mib:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from qvlm import losses as L
 from qvlm.losses import (
     ITC_TEMP_INIT,
     clamp_temperature,
@@ -348,3 +350,19 @@ def test_hard_negatives_skip_copies_of_the_positive_while_others_exist():
     everything = torch.ones(4, 4, dtype=torch.bool)
     neg = sample_hard_negatives(sims, sims, torch.arange(4), generator=g, same=everything)
     assert (neg.text_idx != torch.arange(4)).all() and (neg.image_idx != torch.arange(4)).all()
+
+
+def test_distill_loss_is_the_token_mean_kl_at_supervised_positions():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11, bias=False)
+    student, teacher = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    labels = torch.full((2, 5), L.IGNORE_INDEX)
+    labels[0, 2:4], labels[1, 4] = 1, 2  # positions 1, 2 of row 0 and 3 of row 1 predict them
+    got = L.distill_loss_from_hidden(student, teacher, head, labels)
+    rows = [(0, 1), (0, 2), (1, 3)]
+    expected = sum(
+        (F.softmax(head(teacher[b, t]), -1) * (F.log_softmax(head(teacher[b, t]), -1)
+                                               - F.log_softmax(head(student[b, t]), -1))).sum()
+        for b, t in rows) / len(rows)
+    assert got.tokens.item() == 3 and torch.allclose(got.loss, expected, atol=1e-6)
+    assert L.distill_loss_from_hidden(teacher, teacher, head, labels).loss.abs().item() < 1e-6

@@ -125,7 +125,7 @@ def test_stage2_with_replay_logs_the_replay_term_and_checkpoints_its_position(tm
     train(cfg1, tmp_path / "s1", progress=False)
     cfg2 = load_config(CONFIGS / "tiny.yaml", [
         "train.stage=2", "train.max_steps=2", "eval.max_samples=0", f"train.init_from={tmp_path / 's1' / 'model'}",
-        "train.losses={lm: 1, replay: 0.5}", "train.replay_batch_size=2"])
+        "train.losses={lm: 1, replay: 0.5}", "train.replay_batch_size=2", "train.replay_loss=ce"])
     train(cfg2, tmp_path / "s2", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -143,3 +143,27 @@ def test_packaged_smollm2_answers_most_replay_prompts():
     got = R.base_answers(lm, prompts, exclude=[k for f in FACTS for k in f.keywords])
     assert len(got.pairs) >= 12, got.dropped
     assert all(answer.strip() for _, answer in got.pairs)
+
+
+def test_kl_replay_is_zero_for_untouched_adapters_and_trains_only_the_adapters():
+    """KL from the base model: 0 while the LoRA is a no-op (B = 0 at init), positive once the
+    adapters move, and its gradient reaches the adapters only (the base stays frozen)."""
+    from types import SimpleNamespace
+
+    from qvlm.train.steps import replay_loss
+
+    tiny_lm = LanguageModel.from_config(LLMConfig(source=TINY_LLM, tokenizer=TOKENIZER))  # changed below
+    tok = tiny_lm.tokenizer
+    examples = R.replay_examples(tok, [("Say hi.", "Hi there."), ("Name a fruit.", "An apple.")], max_len=128)
+    batch = R.ReplayBatches(examples, 2, tok.pad_token_id).next_batch(torch.device("cpu"))
+    model = SimpleNamespace(llm=tiny_lm)
+    tiny_lm.eval()
+    assert replay_loss(model, batch, "kl").item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for _, p in tiny_lm.lora_parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    loss = replay_loss(model, batch, "kl")
+    assert loss.item() > 1e-4
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in tiny_lm.lora_parameters())
+    assert all(p.grad is None for n, p in tiny_lm.model.named_parameters() if "lora_" not in n)

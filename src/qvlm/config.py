@@ -136,6 +136,7 @@ class TrainConfig:
     # Stage 2 with train.losses.replay > 0: text-only samples per step whose targets are the base
     # LLM's own answers (qvlm.train.replay), so the adapters leave plain chat as it was
     replay_batch_size: int = 2
+    replay_loss: str = "kl"  # kl: match the base's next-token distributions | ce: its answer tokens
     lr: float = 1e-4
     lr_qformer: float = 0.0  # 0 = lr
     lr_projector: float = 0.0  # 0 = lr
@@ -328,6 +329,7 @@ def validate(cfg: Config) -> None:
         (set(cfg.train.losses) <= {"itc", "itm", "itg", "lm", "replay"}, "train.losses",
          "keys among itc, itm, itg, lm, replay"),
         (cfg.train.replay_batch_size >= 1, "train.replay_batch_size", ">= 1"),
+        (cfg.train.replay_loss in ("kl", "ce"), "train.replay_loss", "kl or ce"),
         (0.0 < cfg.train.itm_fraction <= 1.0, "train.itm_fraction", "in (0, 1]"),
         (all(w >= 0 for w in cfg.train.losses.values()), "train.losses", "non-negative weights"),
         (cfg.train.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32"),

@@ -249,13 +249,32 @@ def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels
     S positions that have a label: hidden (B, T, D) -> (S, V) logits instead of (B, T, V). With a
     large vocabulary the logits of the prompt, the padding and the last position are most of the
     head's cost and memory."""
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t + 1
-    supervised = targets != IGNORE_INDEX
+    supervised, tokens = supervised_positions(labels)
+    logits = head(hidden[:, :-1][supervised])  # (S, V)
+    return LmOutput(loss=F.cross_entropy(logits.float(), labels[:, 1:][supervised]), tokens=tokens)
+
+
+def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T-1) mask of the positions whose next token has a label (position t predicts token
+    t + 1), and their count; no such position is an error."""
+    supervised = labels[:, 1:] != IGNORE_INDEX
     tokens = supervised.sum()
     if tokens.item() == 0:
         raise ValueError("batch has no supervised tokens")
-    logits = head(hidden[:, :-1][supervised])  # (S, V)
-    return LmOutput(loss=F.cross_entropy(logits.float(), targets[supervised]), tokens=tokens)
+    return supervised, tokens
+
+
+def distill_loss_from_hidden(hidden: Tensor, teacher_hidden: Tensor, head: Callable[[Tensor], Tensor],
+                             labels: Tensor) -> LmOutput:
+    """KL(teacher || student) of the next-token distributions, token mean over the positions that
+    ``lm_loss_from_hidden`` supervises: the whole distribution, not only the label token, so a
+    student held to a teacher keeps its near-ties too. hidden, teacher_hidden (B, T, D)."""
+    supervised, tokens = supervised_positions(labels)
+    student = F.log_softmax(head(hidden[:, :-1][supervised]).float(), dim=-1)  # (S, V)
+    with torch.no_grad():
+        teacher = F.log_softmax(head(teacher_hidden[:, :-1][supervised]).float(), dim=-1)  # (S, V)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / tokens
+    return LmOutput(loss=kl, tokens=tokens)
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> LmOutput:

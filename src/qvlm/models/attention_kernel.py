@@ -2,10 +2,11 @@
 
 PyTorch's CPU dispatch picks its flash kernel whenever there is no dropout. Its forward is the
 fastest at every length, but its backward is slow on short sequences: on the development CPU (2
-cores, bf16) a forward + backward took 3-5x longer than the math kernel at the demo's shapes
-(16-70 tokens), while from about 256 tokens on flash wins (benchmarks/RESULTS.md, "Attention kernel
-on CPU"). So where a gradient flows through attention, sequences up to ``MATH_MAX_LEN`` tokens use
-the math kernel on CPU; inference and GPUs keep PyTorch's choice.
+cores, bf16) a forward + backward took 2.4-3.7x as long as the math kernel's at the demo's shapes
+(16-70 tokens) and 1.3x at 128, while at 197-256 tokens flash wins
+(``benchmarks/bench_attention_kernel.py``; benchmarks/RESULTS.md, "Attention kernel on CPU"). So
+where a gradient flows through attention, sequences up to ``MATH_MAX_LEN`` tokens use the math
+kernel on CPU; inference and GPUs keep PyTorch's choice.
 """
 
 from __future__ import annotations

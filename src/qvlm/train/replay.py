@@ -6,8 +6,12 @@ what the adapters do to text-only chat (in the demo the adapted model shortened 
 answers and lost facts the base knew, benchmarks/RESULTS.md). The usual remedy is to mix text-only
 instruction data into the image data. None installs offline, so the targets are the base model's
 own greedy answers (adapters off) to everyday instructions: a packaged list
-(``replay_prompts.txt``, one per line) or a file of the user's own. This is self-distillation: it
-asks the adapted model to answer as the base did and teaches it nothing new. Two kinds of answer
+(``replay_prompts.txt``, one per line) or a file of the user's own. The loss on them
+(``qvlm.train.steps.replay_loss``) is the KL divergence from the base model's next-token
+distributions over the answer (``train.replay_loss=kl``, the default: the whole distribution, so
+near-ties the base model resolves one way stay that way) or the cross-entropy of the answer tokens
+(``ce``). This is self-distillation: it asks the adapted model to answer as the base did and
+teaches it nothing new. Two kinds of answer
 are dropped and counted: one that mentions an excluded word (the training loop excludes the
 retention facts' keywords, so replay never rehearses an evaluated fact), and one that ran out of
 tokens with no sentence end to cut at.
@@ -31,7 +35,8 @@ from qvlm.models.generate import GenerationConfig, generate, pad_left
 from qvlm.models.llm import LanguageModel
 from qvlm.prompt import Example, build_example, check_batch, check_labels
 
-MAX_ANSWER_TOKENS = 64  # the base model's answers; an unfinished one is cut at its last sentence end
+MAX_ANSWER_TOKENS = 40  # the base model's answers (an unfinished one is cut at its last sentence end):
+# the first sentences are what a fact question turns on, and shorter samples cost less
 
 
 def load_prompts(path: str | Path = "") -> list[str]:

@@ -51,18 +51,30 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     terms = {"lm": lm_loss(model, hidden, batch["labels"])}
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
     if "replay" in batch:  # text-only samples answered by the base model (qvlm.train.replay)
-        replay = batch["replay"]
-        text = model.llm.embed(replay["input_ids"])  # (R, T', Dlm), no image slots
-        with training_kernel(text.device, text.shape[1], torch.is_grad_enabled()):
-            hidden = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
-        terms["replay"] = lm_loss(model, hidden, replay["labels"])
+        terms["replay"] = replay_loss(model, batch["replay"], cfg.train.replay_loss)
         weights["replay"] = cfg.train.losses.get("replay", 0.0)
     return L.combine(terms, weights)
 
 
+def replay_loss(model: VLM, replay: dict, kind: str) -> Tensor:
+    """On the base model's own answers: "ce", next-token loss on the answer tokens; "kl", KL from
+    the base model's (adapters off) next-token distributions at those positions."""
+    text = model.llm.embed(replay["input_ids"])  # (R, T', Dlm), no image slots
+    with training_kernel(text.device, text.shape[1], torch.is_grad_enabled()):
+        hidden = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
+    if kind == "ce":
+        return lm_loss(model, hidden, replay["labels"])
+    with torch.no_grad(), model.llm.adapters_disabled():
+        base = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
+    return token_mean(L.distill_loss_from_hidden(hidden, base, model.llm.logits, replay["labels"]))
+
+
 def lm_loss(model: VLM, hidden: Tensor, labels: Tensor) -> Tensor:
     """Token-mean next-token loss at the labelled positions (over all ranks' tokens when distributed)."""
-    lm = L.lm_loss_from_hidden(hidden, model.llm.logits, labels)  # the LM head only where there is a label
+    return token_mean(L.lm_loss_from_hidden(hidden, model.llm.logits, labels))  # the LM head only at labels
+
+
+def token_mean(out: L.LmOutput) -> Tensor:
     if D.is_distributed():  # the whole batch's token mean, not the mean of per-rank means
-        return global_token_mean(lm.loss, lm.tokens, D.all_reduce_sum)
-    return lm.loss
+        return global_token_mean(out.loss, out.tokens, D.all_reduce_sum)
+    return out.loss
