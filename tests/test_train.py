@@ -249,3 +249,14 @@ def test_itm_fraction_scores_the_first_pairs_and_their_negatives(tiny_cfg, monke
     tiny_cfg.train.itm_fraction = 0.0
     with pytest.raises(ConfigError, match="itm_fraction"):
         validate(tiny_cfg)
+
+
+def test_return_model_gives_the_weights_just_saved(tmp_path):
+    """``train(..., return_model=True)`` hands back the trained model; it holds exactly what
+    ``OUT/model`` holds (the demo evaluates it without loading the base models again)."""
+    result = train(tiny("train.max_steps=2", "eval.max_samples=0"), tmp_path / "run", progress=False,
+                   return_model=True)
+    saved = weights(tmp_path / "run")
+    live = result["model"].trainable_state()
+    assert set(saved) <= set(live) and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert "model" not in train(tiny("train.max_steps=1", "eval.max_samples=0"), tmp_path / "other", progress=False)
