@@ -126,6 +126,13 @@ class LanguageModel(nn.Module):
         with self.model.disable_adapter():
             yield
 
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the decoder layers recompute their activations in the backward."""
+        base = self.base_model()
+        flag = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5; older: the next
+        return bool(flag if flag is not None else getattr(base, "is_gradient_checkpointing", False))
+
     def base_model(self) -> nn.Module:
         """The underlying transformers model (without the peft wrapper)."""
         return self.model.get_base_model() if self.has_lora else self.model

@@ -46,7 +46,7 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
-    with training_kernel(embeds.device, embeds.shape[1], torch.is_grad_enabled()):  # math on short CPU sequences
+    with llm_kernel(model, embeds):  # math attention on short CPU sequences
         hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
     terms = {"lm": lm_loss(model, hidden, batch["labels"])}
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
@@ -60,13 +60,21 @@ def replay_loss(model: VLM, replay: dict, kind: str) -> Tensor:
     """On the base model's own answers: "ce", next-token loss on the answer tokens; "kl", KL from
     the base model's (adapters off) next-token distributions at those positions."""
     text = model.llm.embed(replay["input_ids"])  # (R, T', Dlm), no image slots
-    with training_kernel(text.device, text.shape[1], torch.is_grad_enabled()):
+    with llm_kernel(model, text):
         hidden = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
     if kind == "ce":
         return lm_loss(model, hidden, replay["labels"])
     with torch.no_grad(), model.llm.adapters_disabled():
         base = model.llm.hidden_states(text, replay["attention_mask"])  # (R, T', Dlm)
     return token_mean(L.distill_loss_from_hidden(hidden, base, model.llm.logits, replay["labels"]))
+
+
+def llm_kernel(model: VLM, embeds: Tensor):
+    """The attention kernel of a training forward through the LLM (``attention_kernel``). Not with
+    activation checkpointing: the backward recomputes the layers outside this context, with
+    PyTorch's own kernel, and a recomputation must match its forward."""
+    needs_grad = torch.is_grad_enabled() and not model.llm.checkpointing
+    return training_kernel(embeds.device, embeds.shape[1], needs_grad)
 
 
 def lm_loss(model: VLM, hidden: Tensor, labels: Tensor) -> Tensor:
