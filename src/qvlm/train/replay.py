@@ -11,10 +11,9 @@ own greedy answers (adapters off) to everyday instructions: a packaged list
 distributions over the answer (``train.replay_loss=kl``, the default: the whole distribution, so
 near-ties the base model resolves one way stay that way) or the cross-entropy of the answer tokens
 (``ce``). This is self-distillation: it asks the adapted model to answer as the base did and
-teaches it nothing new. Two kinds of answer
-are dropped and counted: one that mentions an excluded word (the training loop excludes the
-retention facts' keywords, so replay never rehearses an evaluated fact), and one that ran out of
-tokens with no sentence end to cut at.
+teaches it nothing new. Two kinds of answer are dropped and counted: one that mentions an excluded
+word (the training loop excludes the retention facts' keywords, so replay never rehearses an
+evaluated fact), and one that ran out of tokens with no sentence end to cut at.
 
 Each stage-2 step adds ``train.replay_batch_size`` replay samples, read in a permutation fixed by
 (seed, epoch); the position is part of the data state, so a resumed run continues exactly.
@@ -35,8 +34,9 @@ from qvlm.models.generate import GenerationConfig, generate, pad_left
 from qvlm.models.llm import LanguageModel
 from qvlm.prompt import Example, build_example, check_batch, check_labels
 
-MAX_ANSWER_TOKENS = 40  # the base model's answers (an unfinished one is cut at its last sentence end):
-# the first sentences are what a fact question turns on, and shorter samples cost less
+# The base model's answers are cut at this many tokens (an unfinished one at its last sentence
+# end): the first sentences are what a fact question turns on, and shorter samples cost less.
+MAX_ANSWER_TOKENS = 40
 
 
 def load_prompts(path: str | Path = "") -> list[str]:
