@@ -217,10 +217,8 @@ def _next_token_ce(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0)
     """Position t predicts labels[t + 1]: logits[:, :-1] (B, T-1, V) against labels[:, 1:] (B, T-1)."""
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    _, tokens = supervised_positions(labels)
     targets = labels[:, 1:]  # (B, T-1)
-    tokens = (targets != IGNORE_INDEX).sum()
-    if tokens.item() == 0:
-        raise ValueError("batch has no supervised tokens")
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),  # (B*(T-1), V), (B*(T-1),)
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
     return loss, tokens
