@@ -51,6 +51,8 @@ def test_unknown_keys_name_the_key(override, key):
         ("model.vision=3", "model.vision"),
         ("data.caption_prob=1.5", "data.caption_prob"),
         ("train.replay_batch_size=0", "train.replay_batch_size"),
+        ("model.llm.lora.positions=text", "model.llm.lora.positions"),
+        ("model.qformer.cross_attention_qk_gain=-1", "model.qformer.cross_attention_qk_gain"),
     ],
 )
 def test_bad_types_and_values_name_the_key(override, key):
@@ -89,3 +91,10 @@ def test_yaml_round_trip(name, tmp_path: Path):
 def test_losses_subset_is_one_setting():
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.losses={itc: 1}"])
     assert cfg.train.losses == {"itc": 1.0}
+
+
+def test_replay_with_image_only_lora_is_refused():
+    """Text-only replay never reaches adapters that act on image tokens only: a wasted loss."""
+    with pytest.raises(ConfigError, match=r"train\.losses must be without replay.*positions=image"):
+        load_config(CONFIGS / "tiny.yaml", ["train.stage=2", "train.losses={lm: 1, replay: 1}",
+                                            "model.llm.lora.positions=image"])

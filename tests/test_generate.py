@@ -283,3 +283,23 @@ def test_packaged_smollm2_greedy_matches_hf_generate():
         expected = mine + eos if reason == "stop" else mine  # HF keeps the eos, then pads
         assert theirs[:len(expected)] == expected
         assert all(t == tok.pad_token_id for t in theirs[len(expected):])
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_image_only_lora_cached_and_uncached_agree(batch, num_beams):
+    """Image-only adapters act at the prompt's image slots: in the cached prefill, and at the same
+    slots when every step recomputes the whole sequence; never at generated tokens."""
+    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", ["model.llm.lora.positions=image"]), with_llm=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.llm.model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5, generator=g)
+        for p in model.projector.parameters():
+            p.mul_(3)
+    cached = run(model, batch, max_new_tokens=10, num_beams=num_beams)
+    uncached = run(model, batch, max_new_tokens=10, num_beams=num_beams, use_cache=False)
+    assert cached.token_ids == uncached.token_ids
+    with model.llm.adapters_disabled():
+        base = run(model, batch, max_new_tokens=10, num_beams=num_beams)
+    assert base.token_ids != cached.token_ids  # the adapters matter here

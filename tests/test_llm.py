@@ -59,3 +59,61 @@ def test_packaged_smollm2_with_lora_answers_paris():
         out = lm.model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def image_only_lm(seed_lora: bool = True, **lora) -> LanguageModel:
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.llm.lora.positions=image",
+                                              *[f"model.llm.lora.{k}={v}" for k, v in lora.items()]]).model.llm
+    lm = LanguageModel.from_config(cfg).eval()
+    if seed_lora:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, p in lm.lora_parameters():  # make the adapters matter
+                p.normal_(0, 0.5, generator=g)
+    return lm
+
+
+def test_image_only_lora_acts_at_masked_positions_only():
+    lm = image_only_lm()
+    full = LanguageModel.from_config(load_config(CONFIGS / "tiny.yaml").model.llm).eval()
+    full.load_state_dict(lm.state_dict())
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, 2:4] = True  # the "image slots"
+    with torch.no_grad():
+        with lm.adapters_disabled():
+            base = lm(lm.embed(ids)).logits
+        no_mask = lm(lm.embed(ids)).logits  # text only: the base model exactly
+        with lm.lora_positions(mask):
+            partial = lm(lm.embed(ids)).logits
+        with lm.lora_positions(torch.ones_like(mask)):
+            everywhere = lm(lm.embed(ids)).logits
+        adapted = full(full.embed(ids)).logits
+    assert torch.equal(no_mask, base)
+    assert torch.allclose(partial[:, :2], base[:, :2], atol=1e-6)  # before the first image slot (causal)
+    assert not torch.allclose(partial[:, 2:], base[:, 2:], atol=1e-3)  # the slots and what follows them
+    assert not torch.allclose(partial, everywhere, atol=1e-3)
+    assert torch.allclose(everywhere, adapted, atol=1e-5)  # mask all True = ordinary LoRA
+    with pytest.raises(RuntimeError, match="position mask"), lm.lora_positions(mask[:, :3]):
+        lm(lm.embed(ids))
+
+
+def test_image_only_lora_gradients_with_and_without_checkpointing():
+    from qvlm.train.speed import set_llm_checkpointing
+
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, 1:3] = True
+    grads = []
+    for checkpointing in (False, True):
+        lm = image_only_lm(dropout=0.0).train()
+        set_llm_checkpointing(lm, checkpointing)
+        with lm.lora_positions(mask):
+            out = lm(lm.embed(ids), labels=ids)
+        out.loss.backward()  # the recomputation (checkpointing) runs here, outside the context
+        grads.append(torch.cat([p.grad.flatten() for _, p in lm.lora_parameters()]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    lm = image_only_lm().train()
+    lm(lm.embed(ids), labels=ids).loss.backward()  # no image: no gradient reaches the adapters
+    assert all(not p.grad.any() for _, p in lm.lora_parameters())

@@ -310,3 +310,29 @@ def test_image_position_embedding_is_a_no_op_at_init_and_learns(tiny_cfg):
     assert not torch.allclose(posed.qformer(image_embeds=images).query, q0, atol=1e-3)
     with pytest.raises(ValueError, match="image tokens"):
         posed.qformer(image_embeds=images[:, 1:])
+
+
+def test_cross_attention_qk_gain_scales_only_the_new_query_and_key_weights():
+    bert_init = QFormer.from_source(tiny(4), vision_width=VW, num_queries=Q, cross_attention_every=1, seed=0)
+    gained = QFormer.from_source(tiny(4), vision_width=VW, num_queries=Q, cross_attention_every=1, seed=0,
+                                 cross_attention_qk_gain=2.0)
+    for ours, ref in zip(gained.layers, bert_init.layers):
+        for name in ("query", "key"):
+            w = getattr(ours.cross_attn, name).weight
+            assert abs(w.std().item() - 2.0 / w.shape[1] ** 0.5) < 0.25 * 2.0 / w.shape[1] ** 0.5
+            assert w.std() > 3 * getattr(ref.cross_attn, name).weight.std()  # BERT init: std 0.02
+        assert torch.equal(ours.cross_attn.value.weight, ref.cross_attn.value.weight)
+        assert torch.equal(ours.self_attn.query.weight, ref.self_attn.query.weight)  # loaded from BERT
+    image = torch.randn(2, 9, VW)
+
+    def entropy(qformer):  # mean entropy of the first cross-attention's probabilities
+        layer, h = qformer.layers[0], qformer.query_tokens.expand(2, -1, -1)
+        h = qformer.embeddings(None, h)
+        h, _ = layer.self_attn(h)
+        k, _ = qformer.encode_image(image).layers[0]
+        q = layer.cross_attn.split(layer.cross_attn.query(h))
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return -(p * p.log()).sum(-1).mean()
+
+    with torch.no_grad():
+        assert entropy(gained) < entropy(bert_init) - 0.1  # the queries start on distinct image tokens

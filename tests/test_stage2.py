@@ -135,3 +135,33 @@ def test_data_caption_prob_reaches_the_stage2_stream(stage2_model, prob, kinds):
     batch = build_stream(cfg, model, progress=False).next_batch(torch.device("cpu"))
     got = {"caption" if t == c else "qa" for t, c in zip(batch["targets"], batch["captions"])}
     assert got == kinds and len(batch["targets"]) == cfg.train.batch_size
+
+
+def test_image_only_lora_trains_saves_and_refuses_merge(stage2_model, tmp_path, capsys):
+    """model.llm.lora.positions=image: trained adapters reach the image slots only; saved and loaded
+    alike; text-only input is the base model's; a merged export is refused with a clear error."""
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", "train.max_steps=2", "eval.max_samples=0",
+                                              "model.llm.lora.positions=image", "model.llm.lora.dropout=0.0",
+                                              f"train.init_from={stage2_model / 's1' / 'model'}"])
+    train(cfg, tmp_path / "run", progress=False)
+    model = VLM.from_pretrained(tmp_path / "run" / "model").eval()
+    assert model.llm.lora_image_only
+    assert any(p.abs().sum() > 0 for n, p in model.llm.lora_parameters() if "lora_B" in n)  # trained
+    with torch.no_grad():  # make the adapters matter
+        for _, p in model.llm.lora_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = VLM.from_pretrained(tmp_path / "saved").eval()
+    ids, mask, image_mask, feats = batch_for(model)
+    text = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        logits = model(ids, mask, image_mask, image_embeds=feats).logits
+        assert torch.allclose(loaded(ids, mask, image_mask, image_embeds=feats).logits, logits, atol=1e-5)
+        plain = model.llm(model.llm.embed(text)).logits
+        with model.llm.adapters_disabled():
+            base_logits = model(ids, mask, image_mask, image_embeds=feats).logits
+            assert torch.equal(model.llm(model.llm.embed(text)).logits, plain)  # text only: the base model
+    assert not torch.allclose(logits, base_logits, atol=1e-3)
+    assert main(["export", "--model", str(tmp_path / "saved"), "--out", str(tmp_path / "merged"), "--merge-lora"]) != 0
+    assert "cannot be folded" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path / "saved"), "--out", str(tmp_path / "copy")]) == 0

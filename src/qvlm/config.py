@@ -54,6 +54,10 @@ class QFormerConfig:
     embed_dim: int = 256  # shared ITC space
     dropout: float = 0.1
     image_pos_embed: bool = False  # a learned position embedding added to the image tokens
+    # Init of the new cross-attention's query and key weights: 0 = BERT's (normal, std
+    # initializer_range = 0.02), which starts every query on a near-uniform average of the image
+    # tokens; g > 0 = normal with std g / sqrt(fan_in), attention logits of order g**2 at the start.
+    cross_attention_qk_gain: float = 0.0
 
 
 @dataclass
@@ -71,6 +75,10 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Where the adapters act: "all" tokens, or only the "image" tokens (Partial LoRA, as in
+    # InternLM-XComposer2): text tokens always go through the base weights, so a text-only input
+    # gives exactly the base model's output. Cannot be merged into the weights (qvlm export).
+    positions: str = "all"
 
 
 @dataclass
@@ -316,11 +324,15 @@ def validate(cfg: Config) -> None:
         (cfg.model.qformer.num_queries >= 1, "model.qformer.num_queries", ">= 1"),
         (cfg.model.qformer.cross_attention_every >= 1, "model.qformer.cross_attention_every", ">= 1"),
         (cfg.model.qformer.max_text_len >= 2, "model.qformer.max_text_len", ">= 2"),
+        (cfg.model.qformer.cross_attention_qk_gain >= 0, "model.qformer.cross_attention_qk_gain", ">= 0"),
         (cfg.model.projector.depth >= 1, "model.projector.depth", ">= 1"),
         (cfg.model.projector.activation in ("gelu", "relu", "silu", "tanh"), "model.projector.activation",
          "one of gelu, relu, silu, tanh"),
         (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
         (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
+        (cfg.model.llm.lora.positions in ("all", "image"), "model.llm.lora.positions", "all or image"),
+        (cfg.model.llm.lora.positions == "all" or cfg.train.losses.get("replay", 0) == 0, "train.losses",
+         "without replay when model.llm.lora.positions=image (text-only replay never reaches image-only adapters)"),
         (len(cfg.model.llm.user_prompts) >= 1, "model.llm.user_prompts", "a non-empty list"),
         (cfg.train.stage in (1, 2), "train.stage", "1 or 2"),
         (cfg.train.max_steps >= 0, "train.max_steps", ">= 0"),

@@ -67,7 +67,7 @@ def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> di
 
     def set_flag(on: bool) -> None:
         trainer.model.qformer.gradient_checkpointing = on
-        set_llm_checkpointing(trainer.model.llm.base_model(), on)
+        set_llm_checkpointing(trainer.model.llm, on)
 
     def run(on: bool):
         def go():

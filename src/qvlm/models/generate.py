@@ -124,17 +124,21 @@ def process_logits(logits: Tensor, seen: Tensor | None, gen: GenerationConfig) -
 class _Decoder:
     """Runs the LM over a growing sequence of R rows; cached (new positions only) or recomputed."""
 
-    def __init__(self, lm: LanguageModel, embeds: Tensor, attention_mask: Tensor, use_cache: bool):
+    def __init__(self, lm: LanguageModel, embeds: Tensor, attention_mask: Tensor, use_cache: bool,
+                 lora_mask: Tensor | None = None):
         self.lm = lm
         self.embeds = embeds  # (R, T, D): the whole sequence so far (kept only without a cache)
         self.mask = attention_mask.long()  # (R, T): past + current positions
+        # (R, T) bool, True at the image slots: where image-only adapters act (generated tokens: never)
+        self.lora_mask = lora_mask if lora_mask is not None else torch.zeros_like(attention_mask, dtype=torch.bool)
         self.cache = DynamicCache(config=lm.base_model().config) if use_cache else None
 
     def _run(self, embeds: Tensor) -> Tensor:
         """Forward the newest ``embeds`` (R, t, D); returns the last position's logits (R, V)."""
         positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # (R, t); 1st real token: 0
-        out = self.lm.model(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
-                            cache=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
+        with self.lm.lora_positions(self.lora_mask[:, -embeds.shape[1]:]):
+            out = self.lm.model(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
+                                cache=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
         return out.logits[:, -1].float()  # (R, V)
 
     def prefill(self) -> Tensor:
@@ -144,6 +148,7 @@ class _Decoder:
         """Append one token per row (R,) and return the next logits (R, V)."""
         new = self.lm.embed(tokens[:, None])  # (R, 1, D)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)  # (R, T+1)
+        self.lora_mask = torch.cat([self.lora_mask, self.lora_mask.new_zeros(len(tokens), 1)], dim=1)
         if self.cache is not None:
             return self._run(new)
         self.embeds = torch.cat([self.embeds, new.to(self.embeds.dtype)], dim=1)  # (R, T+1, D)
@@ -151,7 +156,7 @@ class _Decoder:
 
     def select(self, rows: Tensor) -> None:
         """Keep / repeat / reorder rows (beam search): row i becomes old row ``rows[i]``."""
-        self.mask = self.mask[rows]
+        self.mask, self.lora_mask = self.mask[rows], self.lora_mask[rows]
         if self.cache is None:
             self.embeds = self.embeds[rows]
         else:  # Cache.reorder_cache: index_select(0, rows) on every layer's keys and values
@@ -302,14 +307,16 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, tokenizer: Any,
              gen: GenerationConfig, eos_token_ids: list[int] | None = None,
-             input_ids: Tensor | None = None, on_step: StepCallback | None = None) -> GenerationOutput:
+             input_ids: Tensor | None = None, on_step: StepCallback | None = None,
+             lora_mask: Tensor | None = None) -> GenerationOutput:
     """Continue each row of a LEFT-padded batch of prompt embeddings (B, T, Dlm) with mask (B, T).
 
     Stops a row at any of ``eos_token_ids`` plus the tokenizer's eos (pass the chat template's
     end-of-turn id here), at a stop string, or after ``gen.max_new_tokens``. The repetition penalty
     counts every token generated so far and, when ``input_ids`` (B, T) is given, the prompt's text
     tokens (positions where ``attention_mask`` is 1 and the id is >= 0; mark image slots -1).
-    ``on_step`` (greedy and sampling only) sees every step; see the module docstring.
+    ``on_step`` (greedy and sampling only) sees every step; see the module docstring. ``lora_mask``
+    (B, T) marks the image slots, where image-only adapters (``lora.positions = "image"``) act.
     """
     if on_step is not None and gen.num_beams > 1:
         raise ValueError("on_step works with greedy decoding and sampling, not beam search")
@@ -328,7 +335,7 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
             prompt = attention_mask.bool() & (input_ids >= 0)  # (B, T)
             seen[prompt.nonzero()[:, 0], input_ids[prompt]] = True
     with _eval_mode(lm):
-        dec = _Decoder(lm, inputs_embeds, attention_mask, gen.use_cache)
+        dec = _Decoder(lm, inputs_embeds, attention_mask, gen.use_cache, lora_mask)
         if gen.num_beams > 1:
             texts, ids, reasons = _beam_search(dec, gen, tokenizer, eos, pad, seen)
         else:
@@ -349,4 +356,4 @@ def generate_from_images(vlm: nn.Module, image_embeds: Tensor, input_ids: Tensor
         embeds = vlm.merge(vlm.llm.embed(input_ids), tokens, image_mask)  # (B, T, Dlm)
         text_ids = input_ids.masked_fill(image_mask, -1)  # (B, T): image slots do not count for the penalty
         return generate(vlm.llm, embeds, attention_mask, vlm.llm.tokenizer, gen, eos_token_ids, input_ids=text_ids,
-                        on_step=on_step)
+                        on_step=on_step, lora_mask=image_mask)

@@ -5,6 +5,11 @@ low-rank adapters (LoRA, Hu et al. 2021, via ``peft``) learn to read the project
 while the base weights stay frozen. Any HF causal LM loads: a hub id, a local folder, or a GGUF
 file (de-quantised by transformers; the tokenizer and chat template come from the file).
 
+With ``lora.positions = "image"`` (Partial LoRA, InternLM-XComposer2) the adapters' output is kept
+only at the image tokens: a forward hook on every ``lora_B`` multiplies it by the mask given with
+``lora_positions(mask)``; a forward without a mask (text only, or a decoding step after the
+prompt) runs the base weights alone.
+
 This block takes token ids and embeddings, never raw text: prompts are built in ``qvlm.prompt``.
 """
 
@@ -35,6 +40,8 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.source = source
         self.model.requires_grad_(False)
+        self.lora_image_only = False  # lora.positions == "image": see lora_positions
+        self._lora_mask: Tensor | None = None  # (B, T) bool while inside lora_positions(mask)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -83,6 +90,35 @@ class LanguageModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = get_peft_model(self.model, peft_cfg)
+        if lora.positions == "image":
+            self.lora_image_only = True
+            for name, module in self.model.named_modules():
+                if name.rsplit(".", 2)[-2:-1] == ["lora_B"]:  # ...lora_B.<adapter>: the adapter's output
+                    module.register_forward_hook(self._keep_image_positions)
+
+    @contextlib.contextmanager
+    def lora_positions(self, mask: Tensor | None) -> Iterator[None]:
+        """The forwards inside apply image-only adapters where ``mask`` (B, T) is True (the image
+        tokens) and nowhere else; ``None`` = nowhere. A no-op for adapters on every position."""
+        previous, self._lora_mask = self._lora_mask, mask
+        try:
+            yield
+        finally:
+            self._lora_mask = previous
+
+    def checkpoint_contexts(self) -> tuple[Any, Any]:
+        """``context_fn`` for activation checkpointing: the recomputation in the backward sees the
+        adapter mask its forward saw."""
+        return contextlib.nullcontext(), self.lora_positions(self._lora_mask)
+
+    def _keep_image_positions(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        mask = self._lora_mask
+        if mask is None:
+            return output * 0  # no image here: base weights only (the zero keeps the graph uniform)
+        if mask.shape != output.shape[:2]:
+            raise RuntimeError(f"LoRA position mask {tuple(mask.shape)} does not match the LLM input "
+                               f"{tuple(output.shape[:2])}")
+        return output * mask.unsqueeze(-1).to(output.dtype)  # (B, T, Dout)
 
     @property
     def has_lora(self) -> bool:

@@ -204,7 +204,7 @@ class QFormer(nn.Module):
     """
 
     def __init__(self, config, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
-                 dropout: float | None = None, image_tokens: int = 0):
+                 dropout: float | None = None, image_tokens: int = 0, cross_attention_qk_gain: float = 0.0):
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {config.position_embedding_type}")
@@ -225,6 +225,8 @@ class QFormer(nn.Module):
         )
         self.apply(self.init_module)
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        if cross_attention_qk_gain > 0:
+            self.init_cross_attention_qk(cross_attention_qk_gain)
 
     def init_module(self, module: nn.Module) -> None:
         std = self.bert_config.initializer_range
@@ -237,6 +239,15 @@ class QFormer(nn.Module):
         if isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def init_cross_attention_qk(self, gain: float) -> None:
+        """Query and key weights of every cross-attention ~ N(0, (gain / sqrt(fan_in))**2): with unit-scale
+        inputs the attention logits start of order gain**2, so the queries begin on distinct image
+        tokens instead of BERT-init's near-uniform average (whose small logits also learn slowly)."""
+        for layer in self.layers:
+            if layer.cross_attn is not None:
+                for linear in (layer.cross_attn.query, layer.cross_attn.key):
+                    nn.init.normal_(linear.weight, std=gain / linear.in_features ** 0.5)
 
     @property
     def hidden_size(self) -> int:
@@ -253,7 +264,7 @@ class QFormer(nn.Module):
     @classmethod
     def from_source(cls, source: str, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
                     dropout: float | None = None, seed: int = 0, trust_remote_code: bool = False,
-                    image_tokens: int = 0) -> QFormer:
+                    image_tokens: int = 0, cross_attention_qk_gain: float = 0.0) -> QFormer:
         """A Q-Former from a BERT source (hub id, dir, pkg:..., random:bert?...); new parts seeded by ``seed``."""
         from transformers import AutoModel
 
@@ -264,7 +275,8 @@ class QFormer(nn.Module):
             raise ValueError(f"Q-Former source {source!r}: {bert.config.model_type} offsets its positions; use a BERT")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout, image_tokens)
+            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout, image_tokens,
+                        cross_attention_qk_gain)
         model.load_bert_weights(bert)
         return model
 

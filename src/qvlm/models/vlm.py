@@ -58,6 +58,7 @@ class VLM(nn.Module):
             m.qformer.source, vision_width=vision.width, num_queries=m.qformer.num_queries,
             cross_attention_every=m.qformer.cross_attention_every, dropout=m.qformer.dropout,
             seed=seed, trust_remote_code=trust, image_tokens=vision.num_tokens if m.qformer.image_pos_embed else 0,
+            cross_attention_qk_gain=m.qformer.cross_attention_qk_gain,
         )
         projector = llm = None
         if with_llm:
@@ -92,7 +93,8 @@ class VLM(nn.Module):
         Each row of ``image_mask`` must mark exactly Q positions (the collator reserves them).
         """
         embeds, tokens = self.input_embeds(input_ids, image_mask, pixel_values, image_embeds)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        with self.llm.lora_positions(image_mask):  # image-only adapters act at the image tokens
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
         return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
 
     def input_embeds(self, input_ids: Tensor, image_mask: Tensor, pixel_values: Tensor | None = None,

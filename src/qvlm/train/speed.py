@@ -20,21 +20,24 @@ def apply_speed_options(model, train: TrainConfig) -> list[str]:
     if train.gradient_checkpointing:
         on.append("gradient_checkpointing")
         if model.llm is not None:
-            set_llm_checkpointing(model.llm.base_model(), True)
+            set_llm_checkpointing(model.llm, True)
     if train.compile:
         model.qformer.compile()
         on.append("compile")
     return on
 
 
-def set_llm_checkpointing(hf_model, on: bool) -> None:
-    """Activation checkpointing of a transformers model on or off (non-reentrant), under whichever
-    name the installed transformers has (``activation_checkpointing_*`` from v5, else ``gradient_*``)."""
+def set_llm_checkpointing(lm, on: bool) -> None:
+    """Activation checkpointing of a ``LanguageModel``'s decoder on or off (non-reentrant, the
+    recomputation under the forward's LoRA position mask), under whichever name the installed
+    transformers has (``activation_checkpointing_*`` from v5, else ``gradient_*``)."""
+    hf_model = lm.base_model()
     if on:
+        kwargs = {"use_reentrant": False, "context_fn": lm.checkpoint_contexts}
         if hasattr(hf_model, "activation_checkpointing_enable"):
-            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         disable = getattr(hf_model, "activation_checkpointing_disable", None) or hf_model.gradient_checkpointing_disable
         disable()

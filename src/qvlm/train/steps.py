@@ -46,7 +46,7 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
-    with llm_kernel(model, embeds):  # math attention on short CPU sequences
+    with llm_kernel(model, embeds), model.llm.lora_positions(batch["image_mask"]):  # math attention on short CPU sequences
         hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
     terms = {"lm": lm_loss(model, hidden, batch["labels"])}
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
