@@ -9,7 +9,7 @@ import torch
 
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
-from qvlm.vision_pretrain import (HEADS, IGNORE, SpatialReadout, ThreadPicker, attribute_accuracy, build_tower,
+from qvlm.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy, build_tower,
                                   lr_at_progress, normalise, position_prior, predict, readout_loss, render_pool,
                                   run_pretrain_vision, scene_targets)
 
@@ -156,7 +156,7 @@ def test_tiny_run_with_the_flat_readout(tmp_path):
     metrics = run_pretrain_vision(tmp_path / "tower", **TINY, readout="flat")
     assert metrics["steps"] == 5 and metrics["settings"]["readout"] == "flat"
     assert (tmp_path / "tower" / "readout.safetensors").is_file()
-    with pytest.raises(ValueError, match="readout must be one of flat, spatial"):
+    with pytest.raises(ValueError, match="readout must be one of flat, spatial, bound"):
         run_pretrain_vision(tmp_path / "other", **TINY, readout="pooled")
     assert not (tmp_path / "other").exists()
 
@@ -185,3 +185,19 @@ def test_thread_picker_probes_then_keeps_the_faster():
     assert all(t == 2 for s, t in enumerate(used) if s >= 62 and s not in (71, 91))  # switched at the probe
     assert used[71] == used[91] == 1  # and 1 is probed in turn
     assert picker.seconds() == {"1": 0.6, "2": 0.3}
+
+
+def test_bound_readout_adds_a_scene_head_on_the_token_mean(tmp_path):
+    """The bound readout predicts like the spatial one and adds a head on the mean token, trained
+    with the same targets (its loss is logged as ``scene``)."""
+    readout = BoundReadout(num_tokens=17, width=8)
+    tokens = torch.randn(2, 17, 8)
+    spatial = SpatialReadout(num_tokens=17, width=8)
+    spatial.load_state_dict({k: v for k, v in readout.state_dict().items() if not k.startswith("scene.")})
+    assert torch.equal(readout(tokens), spatial(tokens))
+    scene = readout.extra_logits(tokens)
+    assert scene.shape == (2, 5, sum(HEADS.values()))
+    assert torch.allclose(scene.flatten(1), readout.scene(tokens.mean(dim=1)), atol=1e-6)
+    assert torch.allclose(readout.extra_logits(tokens[:, torch.randperm(17)]), scene, atol=1e-5)  # any order
+    metrics = run_pretrain_vision(tmp_path / "tower", **TINY, readout="bound")
+    assert metrics["steps"] == 5 and metrics["settings"]["readout"] == "bound"

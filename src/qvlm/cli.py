@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=150.0, help="time budget, rendering included")
     p.add_argument("--target-acc", type=float, default=0.99,
                    help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
-    p.add_argument("--readout", choices=["spatial", "flat"], default="spatial",
+    p.add_argument("--readout", choices=["spatial", "flat", "bound"], default="spatial",
                    help="spatial (default): a head shared by every token, pooled per position (tokens that "
                         "describe their own region); flat: one linear layer over all tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")

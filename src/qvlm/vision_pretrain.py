@@ -121,7 +121,22 @@ def position_prior(num_tokens: int, sigma: float) -> Tensor:
     return torch.stack(logits)
 
 
-READOUTS = {"flat": Readout, "spatial": SpatialReadout}
+class BoundReadout(SpatialReadout):
+    """The spatial readout plus a scene head: one linear map from the mean of all tokens (B, Dv) to
+    every position's logits (B, P, H), trained with the same targets (``extra_logits``). The mean of
+    the tokens must then say which object is where, so a Q-Former query whose cross-attention is
+    still a broad average (as at the start of stage 1) reads colour, shape, size and position
+    together, instead of a bag of colours and shapes with their places lost."""
+
+    def __init__(self, num_tokens: int, width: int, sigma: float = 0.1):
+        super().__init__(num_tokens, width, sigma)
+        self.scene = nn.Linear(width, len(POSITIONS) * self.per_position)
+
+    def extra_logits(self, tokens: Tensor) -> Tensor:
+        return self.scene(tokens.mean(dim=1)).view(tokens.shape[0], len(POSITIONS), self.per_position)
+
+
+READOUTS = {"flat": Readout, "spatial": SpatialReadout, "bound": BoundReadout}
 
 
 def split_logits(logits: Tensor) -> dict[str, Tensor]:
@@ -272,6 +287,9 @@ def train_step(tower, readout: nn.Module, opt, pixels: Tensor, targets: Tensor, 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         tokens = tower(pixel_values=normalise(pixels, processor)).last_hidden_state  # (B, N, Dv)
         losses = readout_loss(readout(tokens), targets)
+        if hasattr(readout, "extra_logits"):  # BoundReadout's scene head
+            losses["scene"] = readout_loss(readout.extra_logits(tokens), targets)["loss"]
+            losses["loss"] = losses["loss"] + losses["scene"]
     if not torch.isfinite(losses["loss"]):
         raise FloatingPointError(f"pretrain-vision: loss is {losses['loss'].item()}")
     opt.zero_grad(set_to_none=True)
