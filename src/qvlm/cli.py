@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
     p.add_argument("--readout", choices=["spatial", "flat", "bound"], default="spatial",
                    help="spatial (default): a head shared by every token, pooled per position (tokens that "
-                        "describe their own region); flat: one linear layer over all tokens")
+                        "describe their own region); bound: spatial plus a head on the mean token (the average "
+                        "says which object is where; the demo's choice); flat: one linear layer over all tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 
