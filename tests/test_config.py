@@ -93,8 +93,11 @@ def test_losses_subset_is_one_setting():
     assert cfg.train.losses == {"itc": 1.0}
 
 
-def test_replay_with_image_only_lora_is_refused():
-    """Text-only replay never reaches adapters that act on image tokens only: a wasted loss."""
-    with pytest.raises(ConfigError, match=r"train\.losses must be without replay.*positions=image"):
+@pytest.mark.parametrize("positions", ["image", "from_image"])
+def test_replay_with_position_limited_lora_is_refused(positions):
+    """Text-only replay never reaches adapters that act from the image on only: a wasted loss."""
+    with pytest.raises(ConfigError, match=rf"train\.losses must be without replay.*positions={positions}"):
         load_config(CONFIGS / "tiny.yaml", ["train.stage=2", "train.losses={lm: 1, replay: 1}",
-                                            "model.llm.lora.positions=image"])
+                                            f"model.llm.lora.positions={positions}"])
+    assert load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]).model.llm.lora.positions \
+        == positions

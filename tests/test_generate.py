@@ -285,11 +285,14 @@ def test_packaged_smollm2_greedy_matches_hf_generate():
         assert all(t == tok.pad_token_id for t in theirs[len(expected):])
 
 
+@pytest.mark.parametrize("positions", ["image", "from_image"])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_image_only_lora_cached_and_uncached_agree(batch, num_beams):
-    """Image-only adapters act at the prompt's image slots: in the cached prefill, and at the same
-    slots when every step recomputes the whole sequence; never at generated tokens."""
-    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", ["model.llm.lora.positions=image"]), with_llm=True)
+def test_position_limited_lora_cached_and_uncached_agree(batch, num_beams, positions):
+    """Image-only adapters act at the prompt's image slots, never at generated tokens; "from_image"
+    adapters at the slots and every token after them, generated ones included. The cached decoder
+    (prefill, then one position per step) and the one that recomputes everything agree."""
+    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]),
+                            with_llm=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.llm.model.named_parameters():
@@ -303,3 +306,18 @@ def test_image_only_lora_cached_and_uncached_agree(batch, num_beams):
     with model.llm.adapters_disabled():
         base = run(model, batch, max_new_tokens=10, num_beams=num_beams)
     assert base.token_ids != cached.token_ids  # the adapters matter here
+
+
+def test_from_image_lora_adapts_generated_tokens(batch):
+    """The same adapters give different continuations when they also act after the image."""
+    outs = {}
+    for positions in ("image", "from_image"):
+        model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]),
+                                with_llm=True, seed=0)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.llm.model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.5, generator=g)
+        outs[positions] = run(model, batch, max_new_tokens=10, use_cache=True).token_ids
+    assert outs["image"] != outs["from_image"]

@@ -98,6 +98,29 @@ def test_image_only_lora_acts_at_masked_positions_only():
         lm(lm.embed(ids))
 
 
+def test_from_image_lora_acts_from_the_first_image_slot_on():
+    lm = image_only_lm()
+    lm.lora_scope = "from_image"
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:4] = True  # row 0: slots 2-3; row 1: no image
+    expected = torch.tensor([[False, False, True, True, True, True, True], [False] * 7])
+    assert torch.equal(lm.adapter_mask(mask), expected)
+    assert torch.equal(lm.adapter_mask(lm.adapter_mask(mask)), expected)  # applied twice: the same
+    assert lm.adapter_mask_next(expected).squeeze(1).tolist() == [True, False]
+    with torch.no_grad():
+        with lm.adapters_disabled():
+            base = lm(lm.embed(ids)).logits
+        with lm.lora_positions(mask):
+            ours = lm(lm.embed(ids)).logits
+        lm.lora_scope = "image"
+        with lm.lora_positions(expected):  # image-only adapters given those positions as "slots"
+            same = lm(lm.embed(ids)).logits
+    assert torch.allclose(ours, same, atol=1e-6)
+    assert torch.allclose(ours[0, :2], base[0, :2], atol=1e-6) and torch.allclose(ours[1], base[1], atol=1e-6)
+    assert not torch.allclose(ours[0, 4:], base[0, 4:], atol=1e-3)
+
+
 def test_image_only_lora_gradients_with_and_without_checkpointing():
     from qvlm.train.speed import set_llm_checkpointing
 

@@ -137,15 +137,16 @@ def test_data_caption_prob_reaches_the_stage2_stream(stage2_model, prob, kinds):
     assert got == kinds and len(batch["targets"]) == cfg.train.batch_size
 
 
-def test_image_only_lora_trains_saves_and_refuses_merge(stage2_model, tmp_path, capsys):
-    """model.llm.lora.positions=image: trained adapters reach the image slots only; saved and loaded
-    alike; text-only input is the base model's; a merged export is refused with a clear error."""
+@pytest.mark.parametrize("positions", ["image", "from_image"])
+def test_position_limited_lora_trains_saves_and_refuses_merge(stage2_model, tmp_path, capsys, positions):
+    """model.llm.lora.positions=image / from_image: trained adapters act from the image slots on only;
+    saved and loaded alike; text-only input is the base model's; a merged export is refused."""
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", "train.max_steps=2", "eval.max_samples=0",
-                                              "model.llm.lora.positions=image", "model.llm.lora.dropout=0.0",
+                                              f"model.llm.lora.positions={positions}", "model.llm.lora.dropout=0.0",
                                               f"train.init_from={stage2_model / 's1' / 'model'}"])
     train(cfg, tmp_path / "run", progress=False)
     model = VLM.from_pretrained(tmp_path / "run" / "model").eval()
-    assert model.llm.lora_image_only
+    assert model.llm.lora_scope == positions and model.llm.lora_limited
     assert any(p.abs().sum() > 0 for n, p in model.llm.lora_parameters() if "lora_B" in n)  # trained
     with torch.no_grad():  # make the adapters matter
         for _, p in model.llm.lora_parameters():

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+LORA_POSITIONS = ("all", "image", "from_image")  # model.llm.lora.positions
+
 
 class ConfigError(ValueError):
     """A bad key or value in a config file or override; the message names the key."""
@@ -75,9 +77,10 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    # Where the adapters act: "all" tokens, or only the "image" tokens (Partial LoRA, as in
-    # InternLM-XComposer2): text tokens always go through the base weights, so a text-only input
-    # gives exactly the base model's output. Cannot be merged into the weights (qvlm export).
+    # Where the adapters act: "all" tokens; only the "image" tokens (Partial LoRA, as in
+    # InternLM-XComposer2); or "from_image": the image tokens and every token after them. With
+    # "image" and "from_image" a text-only input gives exactly the base model's output. Neither can
+    # be merged into the weights (qvlm export).
     positions: str = "all"
 
 
@@ -330,9 +333,10 @@ def validate(cfg: Config) -> None:
          "one of gelu, relu, silu, tanh"),
         (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
         (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
-        (cfg.model.llm.lora.positions in ("all", "image"), "model.llm.lora.positions", "all or image"),
+        (cfg.model.llm.lora.positions in LORA_POSITIONS, "model.llm.lora.positions", ", ".join(LORA_POSITIONS)),
         (cfg.model.llm.lora.positions == "all" or cfg.train.losses.get("replay", 0) == 0, "train.losses",
-         "without replay when model.llm.lora.positions=image (text-only replay never reaches image-only adapters)"),
+         f"without replay when model.llm.lora.positions={cfg.model.llm.lora.positions} (text-only replay never "
+         "reaches adapters limited to the image and what follows it)"),
         (len(cfg.model.llm.user_prompts) >= 1, "model.llm.user_prompts", "a non-empty list"),
         (cfg.train.stage in (1, 2), "train.stage", "1 or 2"),
         (cfg.train.max_steps >= 0, "train.max_steps", ">= 0"),

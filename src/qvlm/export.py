@@ -20,9 +20,10 @@ def export_model(model_dir: str | Path, out: str | Path, merge_lora: bool = Fals
     if merge_lora:
         if vlm.llm is None or not vlm.llm.has_lora:
             raise ValueError(f"{model_dir} has no LoRA adapters to merge (a stage-1 model, or use_lora false)")
-        if vlm.llm.lora_image_only:
-            raise ValueError(f"{model_dir} has image-only LoRA (model.llm.lora.positions: image): it acts on some "
-                             "tokens only, so it cannot be folded into the weights; export without --merge-lora")
+        if vlm.llm.lora_limited:
+            raise ValueError(f"{model_dir} has LoRA on some positions only (model.llm.lora.positions: "
+                             f"{vlm.llm.lora_scope}), so it cannot be folded into the weights; export without "
+                             "--merge-lora")
         merged = vlm.llm.model.merge_and_unload()
         llm_dir = out / "base" / "llm"
         merged.save_pretrained(llm_dir, safe_serialization=True)

@@ -129,8 +129,9 @@ class _Decoder:
         self.lm = lm
         self.embeds = embeds  # (R, T, D): the whole sequence so far (kept only without a cache)
         self.mask = attention_mask.long()  # (R, T): past + current positions
-        # (R, T) bool, True at the image slots: where image-only adapters act (generated tokens: never)
-        self.lora_mask = lora_mask if lora_mask is not None else torch.zeros_like(attention_mask, dtype=torch.bool)
+        # (R, T) bool: where position-limited adapters act (lm.adapter_mask of the image slots)
+        self.lora_mask = lm.adapter_mask(lora_mask if lora_mask is not None
+                                         else torch.zeros_like(attention_mask, dtype=torch.bool))
         self.cache = DynamicCache(config=lm.base_model().config) if use_cache else None
 
     def _run(self, embeds: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ class _Decoder:
         """Append one token per row (R,) and return the next logits (R, V)."""
         new = self.lm.embed(tokens[:, None])  # (R, 1, D)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)  # (R, T+1)
-        self.lora_mask = torch.cat([self.lora_mask, self.lora_mask.new_zeros(len(tokens), 1)], dim=1)
+        self.lora_mask = torch.cat([self.lora_mask, self.lm.adapter_mask_next(self.lora_mask)], dim=1)
         if self.cache is not None:
             return self._run(new)
         self.embeds = torch.cat([self.embeds, new.to(self.embeds.dtype)], dim=1)  # (R, T+1, D)
@@ -316,7 +317,7 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
     counts every token generated so far and, when ``input_ids`` (B, T) is given, the prompt's text
     tokens (positions where ``attention_mask`` is 1 and the id is >= 0; mark image slots -1).
     ``on_step`` (greedy and sampling only) sees every step; see the module docstring. ``lora_mask``
-    (B, T) marks the image slots, where image-only adapters (``lora.positions = "image"``) act.
+    (B, T) marks the image slots, which place position-limited adapters (``lora.positions``).
     """
     if on_step is not None and gen.num_beams > 1:
         raise ValueError("on_step works with greedy decoding and sampling, not beam search")

@@ -7,8 +7,10 @@ file (de-quantised by transformers; the tokenizer and chat template come from th
 
 With ``lora.positions = "image"`` (Partial LoRA, InternLM-XComposer2) the adapters' output is kept
 only at the image tokens: a forward hook on every ``lora_B`` multiplies it by the mask given with
-``lora_positions(mask)``; a forward without a mask (text only, or a decoding step after the
-prompt) runs the base weights alone.
+``lora_positions(image_mask)``; a forward without a mask (text only, or a decoding step after the
+prompt) runs the base weights alone. ``lora.positions = "from_image"`` keeps it at the image tokens
+and every token after them (the answer about the image too); text before the image, and text-only
+conversations, still run the base weights alone.
 
 This block takes token ids and embeddings, never raw text: prompts are built in ``qvlm.prompt``.
 """
@@ -40,7 +42,7 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.source = source
         self.model.requires_grad_(False)
-        self.lora_image_only = False  # lora.positions == "image": see lora_positions
+        self.lora_scope = "all"  # lora.positions: "all", "image" or "from_image"; see lora_positions
         self._lora_mask: Tensor | None = None  # (B, T) bool while inside lora_positions(mask)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -90,17 +92,35 @@ class LanguageModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = get_peft_model(self.model, peft_cfg)
-        if lora.positions == "image":
-            self.lora_image_only = True
+        self.lora_scope = lora.positions
+        if self.lora_limited:
             for name, module in self.model.named_modules():
                 if name.rsplit(".", 2)[-2:-1] == ["lora_B"]:  # ...lora_B.<adapter>: the adapter's output
                     module.register_forward_hook(self._keep_image_positions)
 
+    @property
+    def lora_limited(self) -> bool:
+        """The adapters act on some positions only (lora.positions "image" or "from_image")."""
+        return self.lora_scope != "all"
+
+    def adapter_mask(self, image_mask: Tensor | None) -> Tensor | None:
+        """(B, T) bool: where the adapters act, given the image slots. "from_image": each row from
+        its first image slot on (a suffix of a row stays a suffix, so applying this twice is a no-op)."""
+        if image_mask is None or self.lora_scope != "from_image":
+            return image_mask
+        return image_mask.long().cummax(dim=1).values.bool()
+
+    def adapter_mask_next(self, mask: Tensor) -> Tensor:
+        """(R, 1) bool: whether the adapters act on a token appended after ``mask`` (R, T)."""
+        if self.lora_scope == "from_image":
+            return mask.any(dim=1, keepdim=True)  # after the image: an adapted answer
+        return mask.new_zeros(len(mask), 1)  # image-only: generated tokens never
+
     @contextlib.contextmanager
-    def lora_positions(self, mask: Tensor | None) -> Iterator[None]:
-        """The forwards inside apply image-only adapters where ``mask`` (B, T) is True (the image
-        tokens) and nowhere else; ``None`` = nowhere. A no-op for adapters on every position."""
-        previous, self._lora_mask = self._lora_mask, mask
+    def lora_positions(self, image_mask: Tensor | None) -> Iterator[None]:
+        """The forwards inside apply position-limited adapters where ``adapter_mask(image_mask)``
+        (B, T) is True and nowhere else; ``None`` = nowhere. A no-op for adapters on every position."""
+        previous, self._lora_mask = self._lora_mask, self.adapter_mask(image_mask)
         try:
             yield
         finally:
