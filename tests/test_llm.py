@@ -140,3 +140,26 @@ def test_image_only_lora_gradients_with_and_without_checkpointing():
     lm = image_only_lm().train()
     lm(lm.embed(ids), labels=ids).loss.backward()  # no image: no gradient reaches the adapters
     assert all(not p.grad.any() for _, p in lm.lora_parameters())
+
+
+def test_frozen_linears_in_bf16_give_the_autocast_result():
+    """Stored bf16 copies of the frozen weights: the same forward and adapter gradients as autocast
+    casting them on the fly; the own fp32 weights are back outside; adapters and the tied head stay."""
+    lm = image_only_lm(seed_lora=True, dropout=0.0).train()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[:, 1:3] = True
+    q = next(m for n, m in lm.model.named_modules() if n.endswith("q_proj")).base_layer
+    results = []
+    for stored in (None, torch.bfloat16):
+        lm.zero_grad(set_to_none=True)
+        with lm.frozen_linears_as(stored), torch.autocast("cpu", dtype=torch.bfloat16), lm.lora_positions(mask):
+            assert q.weight.dtype == (stored or torch.float32)
+            out = lm(lm.embed(ids)).logits
+            out.float().square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for _, p in lm.lora_parameters()]))
+        assert q.weight.dtype == torch.float32  # outside: the model's own weights
+    assert all(p.dtype == torch.float32 for _, p in lm.lora_parameters())
+    assert lm.model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

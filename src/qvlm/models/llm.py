@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from qvlm import sources
@@ -181,6 +182,30 @@ class LanguageModel(nn.Module):
             return
         with self.model.disable_adapter():
             yield
+
+    @contextlib.contextmanager
+    def frozen_linears_as(self, dtype: torch.dtype | None) -> Iterator[None]:
+        """Inside, the frozen Linear weights (the base model's, not the adapters' nor a head tied to
+        the input embeddings) are stored in ``dtype``; outside, in their own dtype again. Under
+        autocast to ``dtype`` a matmul casts its fp32 weight on every forward; a stored copy gives
+        the same product without that copy. The copies are made once and kept. ``None``: no-op."""
+        if dtype is None:
+            yield
+            return
+        if getattr(self, "_frozen_copies", (None,))[0] != dtype:
+            tied = self.model.get_input_embeddings().weight
+            self._frozen_copies = (dtype, [
+                (m, m.weight.detach().to(dtype)) for m in self.model.modules()
+                if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight is not tied
+                and m.weight.dtype != dtype])
+        own = [(m, m.weight.data) for m, _ in self._frozen_copies[1]]
+        try:
+            for m, copy in self._frozen_copies[1]:
+                m.weight.data = copy
+            yield
+        finally:
+            for m, weight in own:
+                m.weight.data = weight
 
     @property
     def checkpointing(self) -> bool:

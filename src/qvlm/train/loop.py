@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -140,10 +141,14 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not progress or D.rank() != 0,
                desc=f"stage {cfg.train.stage}", file=sys.stderr, dynamic_ncols=True)
     params = [p for g in opt.param_groups for p in g["params"]]
+    # bf16 autocast casts every frozen LLM weight on every forward; stored bf16 copies give the same
+    # products without those copies (LanguageModel.frozen_linears_as), only inside the step
+    frozen = partial(model.llm.frozen_linears_as, torch.bfloat16 if bf16 else None) if model.llm else nullcontext
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         lr = set_lr(opt, state.step, cfg.train)
-        terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
+        with frozen():
+            terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
         state.step += 1
         seconds = time.perf_counter() - t0
         state.train_s += seconds
