@@ -45,6 +45,7 @@ class LanguageModel(nn.Module):
         self.model.requires_grad_(False)
         self.lora_scope = "all"  # lora.positions: "all", "image" or "from_image"; see lora_positions
         self._lora_mask: Tensor | None = None  # (B, T) bool while inside lora_positions(mask)
+        self._frozen_copies: tuple | None = None  # (dtype, [(Linear, weight copy)]): frozen_linears_as
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -97,7 +98,7 @@ class LanguageModel(nn.Module):
         if self.lora_limited:
             for name, module in self.model.named_modules():
                 if name.rsplit(".", 2)[-2:-1] == ["lora_B"]:  # ...lora_B.<adapter>: the adapter's output
-                    module.register_forward_hook(self._keep_image_positions)
+                    module.register_forward_hook(self._keep_adapter_positions)
 
     @property
     def lora_limited(self) -> bool:
@@ -132,7 +133,7 @@ class LanguageModel(nn.Module):
         adapter mask its forward saw."""
         return contextlib.nullcontext(), self.lora_positions(self._lora_mask)
 
-    def _keep_image_positions(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+    def _keep_adapter_positions(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         mask = self._lora_mask
         if mask is None:
             return output * 0  # no image here: base weights only (the zero keeps the graph uniform)
@@ -192,7 +193,7 @@ class LanguageModel(nn.Module):
         if dtype is None:
             yield
             return
-        if getattr(self, "_frozen_copies", (None,))[0] != dtype:
+        if self._frozen_copies is None or self._frozen_copies[0] != dtype:
             tied = self.model.get_input_embeddings().weight
             self._frozen_copies = (dtype, [
                 (m, m.weight.detach().to(dtype)) for m in self.model.modules()
@@ -206,6 +207,10 @@ class LanguageModel(nn.Module):
         finally:
             for m, weight in own:
                 m.weight.data = weight
+
+    def release_frozen_copies(self) -> None:
+        """Free the copies ``frozen_linears_as`` keeps (at the end of training)."""
+        self._frozen_copies = None
 
     @property
     def checkpointing(self) -> bool:

@@ -19,8 +19,8 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -143,7 +143,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     params = [p for g in opt.param_groups for p in g["params"]]
     # bf16 autocast casts every frozen LLM weight on every forward; stored bf16 copies give the same
     # products without those copies (LanguageModel.frozen_linears_as), only inside the step
-    frozen = partial(model.llm.frozen_linears_as, torch.bfloat16 if bf16 else None) if model.llm else nullcontext
+    frozen = (partial(model.llm.frozen_linears_as, torch.bfloat16 if bf16 else None) if model.llm is not None
+              else nullcontext)
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         lr = set_lr(opt, state.step, cfg.train)
@@ -164,6 +165,8 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
             state.log.close()
             return {"step": state.step, "stopped": True}
     bar.close()
+    if model.llm is not None:
+        model.llm.release_frozen_copies()
     result = finish(cfg, out, model, opt, stream, gen, state, eval_fn)
     return {**result, "model": model} if return_model else result
 
