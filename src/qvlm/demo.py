@@ -3,7 +3,7 @@
 1. pretrain the small demo vision tower on synthetic scenes, then freeze it;
 2. stage 1: Q-Former (from the packaged MiniLM BERT) with ITC + ITG (ITM is available, see
    ``full_plan``), retrieval eval;
-3. stage 2: projector + image-only LoRA on the packaged SmolLM2-135M-Instruct (the stage-1 Q-Former
+3. stage 2: projector + LoRA (from the image on) on the packaged SmolLM2-135M-Instruct (the stage-1 Q-Former
    frozen);
 4. evaluate captions on i.i.d. test scenes and on scenes with never-trained colour–shape pairs,
    and the LLM's retention of its text knowledge;

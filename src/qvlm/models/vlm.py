@@ -93,7 +93,7 @@ class VLM(nn.Module):
         Each row of ``image_mask`` must mark exactly Q positions (the collator reserves them).
         """
         embeds, tokens = self.input_embeds(input_ids, image_mask, pixel_values, image_embeds)
-        with self.llm.lora_positions(image_mask):  # image-only adapters act at the image tokens
+        with self.llm.lora_positions(image_mask):  # position-limited adapters: from the image slots
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
         return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
 
