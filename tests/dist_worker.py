@@ -73,13 +73,18 @@ def run_epoch(out: str, shards: str, overrides: list[str]) -> None:
 
 
 def main() -> None:
+    from qvlm.train import distributed as D
+
     positional, flags, overrides = parse(sys.argv[1:])
-    if positional[0] == "train":
-        run_train(positional[1], flags, overrides)
-    elif positional[0] == "epoch":
-        run_epoch(positional[1], positional[2], overrides)
-    else:
-        raise SystemExit(f"unknown scenario {positional[0]!r}")
+    try:
+        if positional[0] == "train":
+            run_train(positional[1], flags, overrides)
+        elif positional[0] == "epoch":
+            run_epoch(positional[1], positional[2], overrides)
+        else:
+            raise SystemExit(f"unknown scenario {positional[0]!r}")
+    finally:
+        D.teardown()
 
 
 if __name__ == "__main__":

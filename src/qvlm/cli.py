@@ -63,6 +63,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qvlm.eval.retrieval import eval_source, evaluate_retrieval
+    from qvlm.train import distributed as D
     from qvlm.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
@@ -72,7 +73,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             eprint("note: no periodic evaluation: data.source is streamed shards; set eval.data to enable it")
         else:
             eval_fn = evaluate_retrieval
-    result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
+    try:
+        result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
+    finally:
+        D.teardown()  # under torchrun: stop the process group's threads before exit
     if args.json:
         print_json(result)
     return 0

@@ -31,6 +31,13 @@ def setup(timeout_s: int = 600):
     return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=handlers)
 
 
+def teardown() -> None:
+    """Destroy the process group, if one was set up, before the interpreter exits: left to the exit,
+    its threads can abort a rank ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
