@@ -285,19 +285,27 @@ def test_packaged_smollm2_greedy_matches_hf_generate():
         assert all(t == tok.pad_token_id for t in theirs[len(expected):])
 
 
+def position_limited_vlm(positions: str, **kwargs) -> VLM:
+    """A tiny VLM with ``lora.positions=positions`` whose LLM matrices (adapters included) are
+    redrawn large, so that where the adapters act changes the output."""
+    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]),
+                            with_llm=True, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.llm.model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5, generator=g)
+    return model
+
+
 @pytest.mark.parametrize("positions", ["image", "from_image"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_position_limited_lora_cached_and_uncached_agree(batch, num_beams, positions):
     """Image-only adapters act at the prompt's image slots, never at generated tokens; "from_image"
     adapters at the slots and every token after them, generated ones included. The cached decoder
     (prefill, then one position per step) and the one that recomputes everything agree."""
-    model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]),
-                            with_llm=True)
-    g = torch.Generator().manual_seed(0)
+    model = position_limited_vlm(positions)
     with torch.no_grad():
-        for name, p in model.llm.model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.5, generator=g)
         for p in model.projector.parameters():
             p.mul_(3)
     cached = run(model, batch, max_new_tokens=10, num_beams=num_beams)
@@ -312,12 +320,6 @@ def test_from_image_lora_adapts_generated_tokens(batch):
     """The same adapters give different continuations when they also act after the image."""
     outs = {}
     for positions in ("image", "from_image"):
-        model = VLM.from_config(load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]),
-                                with_llm=True, seed=0)
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.llm.model.named_parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.5, generator=g)
+        model = position_limited_vlm(positions, seed=0)
         outs[positions] = run(model, batch, max_new_tokens=10, use_cache=True).token_ids
     assert outs["image"] != outs["from_image"]
