@@ -9,9 +9,10 @@
 # `python benchmarks/write_tokenizers.py .gpu/tok` and bring that folder along: gpu.sh uses
 # .gpu/tok when it exists. qvlm itself runs from src/.
 # Prints progress, then the table, then samples/s, tokens/s and model FLOPs utilisation (MFU) of the
-# train steps with the card's name. The JSON report goes to ${OUT:-benchmarks}/gpu_bench.json and is
-# rewritten after every section, so a run stopped by the time limit keeps what it finished. Paste the
-# numbers into benchmarks/RESULTS.md with the card named.
+# train steps with the card's name. Each part's JSON report goes to ${OUT:-benchmarks}/gpu_bench_<part>.json
+# and is rewritten after every section, so a run stopped by its time limit keeps what it finished;
+# gpu_bench.json holds all parts together. Paste the
+# numbers into benchmarks/RESULTS.md with the card named. QVLM_GPU_PARTS picks the parts (below).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -51,33 +52,57 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # qvlm from this checko
 echo "gpu.sh: setup took $(( $(date +%s) - start )) s; torch $("$PY" -c 'import torch; print(torch.__version__)'); card: $("$PY" -c 'import torch; print(torch.cuda.get_device_name())')"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
+# Each part is its own `qvlm bench` call with its own time limit, so a slow part cannot starve the
+# ones after it; stage 2 first (its MFU is the goal), then stage 1, then generation and the Q-Former.
+# A part is "name sections largest-batch-searched share-of-the-budget-in-percent".
+PARTS=${QVLM_GPU_PARTS:-"stage2 stage2 1024 45;stage1 stage1 256 40;rest generation,qformer 0 15"}
 left=$(( BUDGET - ($(date +%s) - start) ))
-(( left < 120 )) && left=120  # the setup was slow; give the benchmarks two minutes anyway
-# stage 2 first: its MFU is the goal; stage 1's many option rows last
+(( left < 240 )) && left=240  # the setup was slow; give the benchmarks four minutes anyway
 status=0
-timeout "$left" "$PY" -m qvlm.cli bench --device cuda --precision bf16 --batch-search 256 \
-  --sections "${QVLM_GPU_SECTIONS:-stage2,qformer,generation,stage1}" --json-out "$JSON" > /dev/null || status=$?
-if (( status != 0 )); then
-  echo "gpu.sh: qvlm bench failed or ran past ${left} s (exit $status); what it finished is in $JSON" >&2
-fi
-[[ -f "$JSON" ]] || exit 1
+reports=()
+IFS=';' read -ra parts <<< "$PARTS"
+for part in "${parts[@]}"; do
+  read -r name sections search share <<< "$part"
+  json="$OUT_DIR/gpu_bench_$name.json"
+  seconds=$(( left * share / 100 ))
+  echo "gpu.sh: $name ($sections, batch search to $search) for at most $seconds s"
+  part_status=0
+  timeout "$seconds" "$PY" -m qvlm.cli bench --device cuda --precision bf16 --batch-search "$search" \
+    --sections "$sections" --json-out "$json" > /dev/null || part_status=$?
+  if (( part_status != 0 )); then
+    echo "gpu.sh: $name failed or ran past $seconds s (exit $part_status); what it finished is in $json" >&2
+    status=$part_status
+  fi
+  [[ -f "$json" ]] && reports+=("$json")
+done
+(( ${#reports[@]} )) || exit 1
 
-"$PY" - "$JSON" <<'PYEOF'
+"$PY" - "$JSON" "${reports[@]}" <<'PYEOF'
 import json, sys
 
-from qvlm.bench.report import table
+from qvlm.bench.report import table, to_json
 
-report = json.load(open(sys.argv[1]))
+parts = [json.load(open(path)) for path in sys.argv[2:]]
+report = dict(parts[0])  # one report of every part: rows, ratios, findings and notes together
+for key in ("rows", "notes", "sections"):
+    report[key] = [x for part in parts for x in part.get(key, [])]
+for key in ("ratios", "findings"):
+    report[key] = {k: v for part in parts for k, v in part.get(key, {}).items() if v is not None}
+report["partial"] = any(part.get("partial") for part in parts)
+report["wall_s"] = round(sum(part.get("wall_s", 0) for part in parts), 1)
+open(sys.argv[1], "w").write(to_json(report))
 print(table(report))
-if report.get("partial"):
-    print("\n(partial report: the run stopped before every section finished)")
+if report["partial"]:
+    print("\n(partial report: a part stopped before all its rows finished)")
 print(f"\ncard: {report['device']}; peak dense bf16: {report['peak_bf16_flops']} FLOP/s")
 for r in report["rows"]:
     if "mfu" in r or "tokens_per_s" in r:
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        tokens = r.get("tokens_per_s", "-")
+        busy = "" if r.get("device_busy") is None else (f", GPU busy {100 * r['device_busy']:.0f}% "
+                                                         f"({r['launches']} kernel launches)")
         rate = r.get("samples_per_s", r.get("images_per_s"))
-        print(f"{r['group']:<22} {r['name']:<40} B={r['batch']:<4} {rate} samples/s, {tokens} tokens/s, MFU {mfu}")
+        print(f"{r['group']:<22} {r['name']:<44} B={r['batch']:<4} {rate} samples/s, "
+              f"{r.get('tokens_per_s', '-')} tokens/s, MFU {mfu}{busy}")
 PYEOF
 echo "gpu.sh: done in $(( $(date +%s) - start )) s; JSON in $JSON"
 exit $status

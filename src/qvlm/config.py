@@ -163,7 +163,7 @@ class TrainConfig:
     init_from: str = ""  # stage 2: a stage-1 model folder
     freeze_qformer: bool = False
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the Q-Former (first steps pay the compilation)
+    compile: bool = False  # torch.compile each Q-Former and LLM layer (first steps pay the compilation)
     dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
     tensorboard: bool = False  # also write OUT/tensorboard/ event files (needs the tensorboard package)
 

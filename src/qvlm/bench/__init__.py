@@ -314,10 +314,14 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     step = out["step"]
     if step.get("mfu") is not None:
         report["findings"]["stage2_mfu"] = step["mfu"]
+    if step.get("device_busy") is not None:
+        report["findings"]["stage2_device_busy"] = step["device_busy"]  # kernel time / step time
     if out.get("compile"):
         report["findings"]["stage2_compile_mfu"] = out["compile"]["row"].get("mfu")
         report["findings"]["stage2_compile_seconds"] = round(out["compile"]["compile_s"], 1)
         report["ratios"]["compile_stage2"] = step["ms"] / out["compile"]["row"]["ms"]
+        if out["compile"]["row"].get("device_busy") is not None:
+            report["findings"]["stage2_compile_device_busy"] = out["compile"]["row"]["device_busy"]
 
 
 def section_generation(bench, p: Plan, report: dict) -> None:

@@ -2,7 +2,8 @@
 synthetic scene files and their feature cache, and turning timings into table rows.
 
 The step is the training loop's (``qvlm.train.loop.train_step``) without the data stream: named
-losses from ``qvlm.train.steps.step_losses`` under the same autocast, backward, gradient clipping,
+losses from ``qvlm.train.steps.step_losses`` under the same autocast (and, in stage 2, the same bf16
+copies of the frozen LLM weights), backward, gradient clipping,
 AdamW from ``qvlm.train.optim.build_optimizer``, ``zero_grad``, temperature clamp.
 """
 
@@ -82,14 +83,22 @@ class Trainer:
         from qvlm.train.steps import step_losses
 
         fn = self.losses_fn or step_losses
-        with self.bench.autocast():
-            terms = fn(self.model, batch, self.cfg, generator=self.generator, dec_token_id=self.dec_token_id)
-        terms["loss"].backward()
+        with self.frozen_weights():
+            with self.bench.autocast():
+                terms = fn(self.model, batch, self.cfg, generator=self.generator, dec_token_id=self.dec_token_id)
+            terms["loss"].backward()
         if self.cfg.train.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.heads.clamp_temperature()
+
+    def frozen_weights(self):
+        """As in the training loop: under bf16 autocast the frozen LLM runs on bf16 weight copies."""
+        llm = self.model.llm
+        if llm is None or not self.bench.bf16:
+            return contextlib.nullcontext()
+        return llm.frozen_linears_as(torch.bfloat16)
 
 
 def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, fused_adamw: bool | None = None,

@@ -17,7 +17,7 @@ from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, Trainer, build_trainer, row, to_device
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import synchronizer
+from qvlm.bench.timing import device_time, synchronizer
 
 GROUP = "stage-2 train step"
 
@@ -58,6 +58,9 @@ def step_rows(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: flo
     out = row(bench, GROUP, name, label, b, seq_label(trainer, batch), timing, None, flops_of(trainer, batch), peak,
               note=note)
     out["tokens_per_s"] = round(tokens / timing.median, 1)
+    busy = device_time(lambda: trainer.step(batch), bench.device)
+    if busy:  # GPU only: how much of the step the kernels fill
+        out.update(busy, device_busy=round(busy["kernel_ms"] / out["ms"], 3))
     return out
 
 
@@ -110,17 +113,17 @@ def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) ->
 
 
 def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
-    """The same step with the Q-Former and the LLM compiled in place (``nn.Module.compile``); the
-    first calls, which compile, are timed apart."""
-    model = trainer.model
+    """The same step with every Q-Former and LLM layer compiled in place (``train.compile``,
+    ``qvlm.train.speed.compile_layers``); the first calls, which compile, are timed apart."""
+    from qvlm.train.speed import compile_layers
+
     start = time.perf_counter()
-    model.qformer.compile()
-    model.llm.base_model().compile()
+    compile_layers(trainer.model)
     for _ in range(2):
         trainer.step(batch)
     synchronizer(bench.device)()
     compile_s = time.perf_counter() - start
-    out = step_rows(bench, trainer, batch, label, peak, name="torch.compile (Q-Former + LLM)",
+    out = step_rows(bench, trainer, batch, label, peak, name="torch.compile of each Q-Former and LLM layer",
                     note=f"first two steps (compiling) took {compile_s:.0f} s")
     return {"row": out, "compile_s": compile_s}
 
@@ -149,6 +152,7 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
         except Exception as exc:  # noqa: BLE001 - compilation fails in many ways; the eager rows stand
             bench.notes.append(f"stage-2 torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
     trainer.opt.zero_grad(set_to_none=True)
+    trainer.model.llm.release_frozen_copies()
     # generation reuses the eager model; a compiled one would recompile at every new sequence length
     out["model"] = None if "compile" in out else trainer.model
     return out

@@ -74,6 +74,26 @@ def time_one(fn: Callable[[], object], repeats: int, warmup: int = 1, clock: Clo
     return time_interleaved({"x": fn}, repeats, warmup, clock, sync)["x"]
 
 
+def device_time(fn: Callable[[], object], device: torch.device) -> dict | None:
+    """One call of ``fn`` under ``torch.profiler`` on a GPU: the summed time of the kernels it ran
+    (``kernel_ms``) and how many it launched. Set beside the call's timed median, it says how much
+    of a step the GPU is busy; the rest the GPU waits on the host (Python, kernel launches). The
+    profiled call itself is slower on the host, so only its kernel sum is used. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
+    on_gpu = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, copies, memsets
+    kernel_us = sum(e.self_device_time_total for e in on_gpu)
+    return {"kernel_ms": round(kernel_us / 1000, 2), "launches": int(sum(e.count for e in on_gpu))}
+
+
 # ---- memory -----------------------------------------------------------------------------------
 
 def rss_bytes() -> int:

@@ -166,6 +166,15 @@ class LanguageModel(nn.Module):
         decoder = self.base_model().get_decoder()
         return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's transformer layers (what ``train.compile`` compiles one by one)."""
+        decoder = self.base_model().get_decoder()
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"{type(decoder).__name__} keeps no ``layers`` ModuleList; train.compile cannot find "
+                            "its decoder layers")
+        return layers
+
     def logits(self, hidden: Tensor) -> Tensor:
         """The LM head on selected hidden states: (..., Dlm) -> (..., V)."""
         return self.base_model().get_output_embeddings()(hidden)

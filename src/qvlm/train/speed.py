@@ -3,9 +3,14 @@
 - ``train.gradient_checkpointing``: the Q-Former's layers (and, in stage 2, the LLM's decoder
   layers) keep only their inputs and recompute the rest during backward: less activation memory
   for about one extra forward;
-- ``train.compile``: ``torch.compile`` the Q-Former in place (``nn.Module.compile``: parameter
-  names, checkpoints and saved models are unchanged). Off by default: the first steps pay the
-  compilation, and on CPU it was not faster (benchmarks/RESULTS.md).
+- ``train.compile``: ``torch.compile`` each Q-Former layer and, in stage 2, each LLM decoder layer
+  in place ("regional" compilation, ``nn.Module.compile``: parameter names, checkpoints and saved
+  models are unchanged). The layers of one kind share one compiled graph, so compiling costs about
+  as much as for one layer, and the LLM is compiled whichever entry point calls it (the training
+  step runs its decoder without the LM head). A compiled layer runs its forward and its backward
+  as a few fused kernels: far fewer kernel launches, which is what bounds a GPU step at small
+  widths. Off by default: the first steps pay the compilation, and on CPU it was not faster
+  (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -22,9 +27,21 @@ def apply_speed_options(model, train: TrainConfig) -> list[str]:
         if model.llm is not None:
             set_llm_checkpointing(model.llm, True)
     if train.compile:
-        model.qformer.compile()
+        compile_layers(model)
         on.append("compile")
     return on
+
+
+def compile_layers(model, **options) -> int:
+    """``torch.compile`` every Q-Former layer and every LLM decoder layer of ``model`` (a VLM) in
+    place, with ``options`` for ``torch.compile`` (e.g. ``backend``); returns how many were compiled.
+    Compiling again replaces the earlier compilation."""
+    layers = list(model.qformer.layers)
+    if model.llm is not None:
+        layers += list(model.llm.decoder_layers())
+    for layer in layers:
+        layer.compile(**options)
+    return len(layers)
 
 
 def set_llm_checkpointing(lm, on: bool) -> None:

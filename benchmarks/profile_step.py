@@ -1,0 +1,115 @@
+"""Where one train step's device time goes: ``python benchmarks/profile_step.py [--stage 2] [--batch 256]
+[--compile] [--shapes real]`` prints the kernels (GPU) or operators (CPU) that take the most time in
+one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and the operators that launched
+them. For finding what to optimise; the speed claims themselves come from ``qvlm bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
+from qvlm.bench.shapes import SHAPES
+from qvlm.bench.stage2 import stage2_batch
+from qvlm.train.speed import compile_layers
+
+
+def top(averages, on_device: bool, key: str, n: int) -> str:
+    chosen = [e for e in averages if (e.device_type == DeviceType.CUDA) == on_device]
+    chosen.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in chosen) or 1
+    lines = [f"  {'ms':>8} {'share':>6} {'calls':>6}  name"]
+    for e in chosen[:n]:
+        value = getattr(e, key)
+        lines.append(f"  {value / 1000:8.2f} {100 * value / total:5.1f}% {e.count:6d}  {e.key[:110]}")
+    return "\n".join(lines)
+
+
+def bf16_residual(model) -> None:
+    """The LLM's frozen RMSNorm weights to bf16, and its decoder's input embeddings cast to bf16."""
+    for name, module in model.llm.base_model().named_modules():
+        if "norm" in type(module).__name__.lower():
+            module.to(torch.bfloat16)
+
+    def cast(_module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].to(torch.bfloat16)
+        return args, kwargs
+
+    model.llm.base_model().get_decoder().register_forward_pre_hook(cast, with_kwargs=True)
+
+
+def attention_backend(name: str):
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    return nullcontext() if name == "default" else sdpa_kernel([backends[name]])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--shapes", default="real", choices=sorted(SHAPES))
+    ap.add_argument("--compile", action="store_true", help="compile each Q-Former and LLM layer first")
+    ap.add_argument("--bf16-residual", action="store_true",
+                    help="experiment: the frozen LLM's norms in bf16 and its input embeddings cast to bf16, so "
+                         "its residual stream is bf16 (stage 2)")
+    ap.add_argument("--sdpa", choices=("default", "efficient", "flash", "cudnn", "math"), default="default",
+                    help="experiment: restrict scaled_dot_product_attention to one backend")
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as work, attention_backend(args.sdpa):
+        bench = Bench(device, "bf16", 1, 1, Path(work))
+        trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch)
+        files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
+        batch = (stage2_batch if args.stage == 2 else fixed_stage1_batch)(trainer, files, args.batch)
+        if args.bf16_residual:
+            bf16_residual(trainer.model)
+        if args.compile:
+            compile_layers(trainer.model)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(3):
+            trainer.step(batch)
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            trainer.step(batch)
+        sync()
+        step_ms = 1000 * (time.perf_counter() - start) / 3
+        with torch.no_grad(), bench.autocast(), trainer.frozen_weights():
+            from qvlm.train.steps import step_losses
+            loss = float(step_losses(trainer.model, batch, trainer.cfg, generator=trainer.generator,
+                                     dec_token_id=trainer.dec_token_id)["loss"])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.step(batch)
+            sync()
+    averages = prof.key_averages()
+    title = (f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}{', compiled layers' if args.compile else ''}"
+             f"{', bf16 residual' if args.bf16_residual else ''}{', SDPA ' + args.sdpa if args.sdpa != 'default' else ''}")
+    print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
+    if device.type == "cuda":
+        kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+        print(f"kernel time {kernels / 1000:.1f} ms in the profiled step; top kernels:")
+        print(top(averages, True, "self_device_time_total", args.rows))
+        print("operators by the device time of the kernels they launched (children included):")
+        print(top(averages, False, "device_time_total", args.rows))
+    else:
+        print("top operators by own CPU time:")
+        print(top(averages, False, "self_cpu_time_total", args.rows))
+
+
+if __name__ == "__main__":
+    main()
