@@ -42,7 +42,8 @@ def test_scene_targets_mark_empty_positions():
 
 def test_accuracy_is_one_on_perfect_predictions(targets):
     acc = attribute_accuracy(predict(one_hot_logits(targets)), targets)
-    assert acc == {"attr_acc": 1.0, "object_acc": 1.0, "presence_acc": 1.0}
+    assert acc == {"attr_acc": 1.0, "object_acc": 1.0, "presence_acc": 1.0, "color_acc": 1.0, "shape_acc": 1.0,
+                   "size_acc": 1.0}
 
 
 def test_accuracy_counts_each_wrong_attribute_once(targets):
@@ -201,3 +202,14 @@ def test_bound_readout_adds_a_scene_head_on_the_token_mean(tmp_path):
     assert torch.allclose(readout.extra_logits(tokens[:, torch.randperm(17)]), scene, atol=1e-5)  # any order
     metrics = run_pretrain_vision(tmp_path / "tower", **TINY, readout="bound")
     assert metrics["steps"] == 5 and metrics["settings"]["readout"] == "bound"
+
+
+
+def test_per_attribute_accuracy_over_occupied_positions(targets):
+    wrong = targets.clone()
+    occupied = (targets[..., 0] == 1).nonzero()
+    b, p = occupied[0].tolist()
+    wrong[b, p, 2] = (targets[b, p, 2] + 1) % HEADS["shape"]  # one wrong shape
+    acc = attribute_accuracy(predict(one_hot_logits(wrong)), targets)
+    assert acc["shape_acc"] == pytest.approx(1 - 1 / len(occupied))
+    assert acc["color_acc"] == acc["size_acc"] == 1.0

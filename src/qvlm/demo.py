@@ -167,7 +167,8 @@ def evaluate(out: Path, cfg, n_eval: int, progress: bool, model=None) -> dict:
 def summary(vision: dict, stage1: dict, results: dict, wall_s: float) -> dict:
     test, held, ret = results["test"], results["heldout"], results["retention"]
     return {
-        "vision": {"attr_acc": vision["attr_acc"], "heldout_attr_acc": vision.get("heldout_attr_acc")},
+        "vision": {"attr_acc": vision["attr_acc"], "heldout_attr_acc": vision.get("heldout_attr_acc"),
+                   "shape_acc": vision.get("shape_acc"), "heldout_shape_acc": vision.get("heldout_shape_acc")},
         "stage1": {k: stage1[k] for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5", "itc_i2t_r1", "itc_t2i_r1", "n",
                                            "qformer_color_shape_acc", "qformer_count_acc", "qformer_exact_match")},
         "stage2": {

@@ -170,7 +170,8 @@ def attribute_accuracy(pred: Tensor, targets: Tensor) -> dict[str, float]:
     occupied and the attribute's argmax is right; at an empty position all three count as correct
     exactly when the position is predicted empty. Empty positions are easy and make up about 60% of
     positions, so ``object_acc`` (the same, over occupied positions only) and ``presence_acc`` are
-    reported too.
+    reported too, and per attribute over occupied positions (``color_acc``, ``shape_acc``,
+    ``size_acc``).
     """
     present = targets[..., 0] == 1  # (B, P)
     hit_present = (pred[..., 0] == 1) & present
@@ -178,9 +179,12 @@ def attribute_accuracy(pred: Tensor, targets: Tensor) -> dict[str, float]:
     empty_ok = (~present & (pred[..., 0] == 0)).unsqueeze(-1).expand_as(attr_ok)
     correct = attr_ok | empty_ok
     n_obj = int(present.sum())
-    return {"attr_acc": correct.float().mean().item(),
-            "object_acc": attr_ok[present].float().mean().item() if n_obj else float("nan"),
-            "presence_acc": (pred[..., 0] == targets[..., 0]).float().mean().item()}
+    out = {"attr_acc": correct.float().mean().item(),
+           "object_acc": attr_ok[present].float().mean().item() if n_obj else float("nan"),
+           "presence_acc": (pred[..., 0] == targets[..., 0]).float().mean().item()}
+    for i, name in enumerate(ATTRIBUTES):  # e.g. shape_acc: shape right at an occupied position
+        out[f"{name}_acc"] = attr_ok[..., i][present].float().mean().item() if n_obj else float("nan")
+    return out
 
 
 def build_tower(image_size: int, patch_size: int, hidden_size: int, num_layers: int, num_heads: int,
@@ -410,6 +414,7 @@ def run_pretrain_vision(out: str | Path, *, seed: int = 0, image_size: int = 64,
         torch.set_num_threads(threads)
     metrics = {"attr_acc": test["attr_acc"], "heldout_attr_acc": heldout["attr_acc"],
                "object_acc": test["object_acc"], "heldout_object_acc": heldout["object_acc"],
+               "shape_acc": test["shape_acc"], "heldout_shape_acc": heldout["shape_acc"],
                "presence_acc": test["presence_acc"], "check_acc": run["check_acc"],
                "steps": run["steps"], "train_s": run["train_s"], "render_s": round(render_s, 1),
                "wall_s": round(time.perf_counter() - wall, 1), "bf16": run["bf16"], "step_s": run["step_s"],
