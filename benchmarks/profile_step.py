@@ -97,8 +97,9 @@ def main() -> None:
             trainer.step(batch)
             sync()
     averages = prof.key_averages()
-    title = (f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}{', compiled layers' if args.compile else ''}"
-             f"{', bf16 residual' if args.bf16_residual else ''}{', SDPA ' + args.sdpa if args.sdpa != 'default' else ''}")
+    extras = [name for name, on in (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
+                                     (f"SDPA {args.sdpa}", args.sdpa != "default")) if on]
+    title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
     if device.type == "cuda":
         kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from qvlm.models.projector import Projector
-from qvlm.models.vision import ImageProcessor, VisionEncoder
+from qvlm.models.vision import ImageProcessor, VisionEncoder, to_grey
 
 TINY_VIT = "random:vit?hidden_size=32&num_hidden_layers=2&num_attention_heads=2&intermediate_size=64&image_size=32&patch_size=8"
 
@@ -57,6 +57,32 @@ def test_vision_fingerprint_tracks_weights():
     b = VisionEncoder.from_source(TINY_VIT, seed=0)
     c = VisionEncoder.from_source(TINY_VIT, seed=1)
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_grey_view_puts_both_views_of_a_patch_in_one_token():
+    plain = VisionEncoder.from_source(TINY_VIT, seed=0)
+    both = VisionEncoder.from_source(TINY_VIT, seed=0, grey_view=True)
+    images = [Image.new("RGB", (32, 32), (200, 40, 40)), Image.new("RGB", (32, 32), (40, 160, 70))]
+    pixels = plain.processor(images)  # (2, 3, 32, 32)
+    feats = both(pixels)
+    n, width = plain.num_tokens, plain.width
+    assert feats.shape == (2, n, 2 * width) and both.num_tokens == n and both.width == 2 * width
+    assert torch.allclose(feats[..., :width], plain(pixels), atol=1e-6)  # the colour view first
+    grey_images = [img.convert("L").convert("RGB") for img in images]  # PIL's own BT.601 luminance
+    assert torch.allclose(both.grey(pixels), plain.processor(grey_images), atol=2 / 255)
+    assert torch.allclose(feats[..., width:], plain(both.grey(pixels)), atol=1e-6)
+    assert not torch.allclose(feats[..., :width], feats[..., width:])  # colour images: the views differ
+    assert plain.fingerprint() != both.fingerprint()
+
+
+def test_to_grey_keeps_a_grey_image_and_other_normalisations():
+    processor = ImageProcessor(size=8, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))  # CLIP-like
+    grey_image = Image.new("RGB", (8, 8), (90, 90, 90))
+    pixels = processor([grey_image])
+    assert torch.allclose(to_grey(pixels, processor), pixels, atol=1e-5)
+    red = processor([Image.new("RGB", (8, 8), (255, 0, 0))])
+    expected = processor([Image.new("RGB", (8, 8), (76, 76, 76))])  # 0.299 * 255
+    assert torch.allclose(to_grey(red, processor), expected, atol=1 / 255 / 0.26)
 
 
 def test_other_vision_towers_load():

@@ -104,6 +104,9 @@ def test_stale_when_processor_changes(built, encoder):
     penultimate = VisionEncoder(encoder.tower, encoder.processor, layer="penultimate", source=TINY)
     with pytest.raises(StaleCacheError, match="layer"):
         CachedFeatures.open(root, penultimate)
+    grey_view = VisionEncoder(encoder.tower, encoder.processor, source=TINY, grey_view=True)
+    with pytest.raises(StaleCacheError, match="fingerprint"):
+        CachedFeatures.open(root, grey_view)
 
 
 def test_incremental_and_bad_inputs(encoder, tmp_path):

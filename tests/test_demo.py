@@ -7,7 +7,7 @@ from PIL import Image
 from qvlm.cli import main
 
 KEYS = {
-    "vision": ["attr_acc"],
+    "vision": ["attr_acc", "heldout_shape_acc"],
     "stage1": ["i2t_r1", "t2i_r1", "qformer_color_shape_acc", "qformer_count_acc", "qformer_exact_match"],
     "stage2": ["color_shape_acc", "count_acc", "exact_match", "heldout_color_shape_acc", "cider"],
     "retention": ["ppl_base", "ppl_adapted", "facts_kept", "facts_total"],
@@ -31,3 +31,7 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
         with Image.open(out / name) as img:
             assert img.size == (640, 360)
     assert (out / "model" / "lora.safetensors").is_file()
+    from qvlm.models.vlm import VLM  # the demo's tower reads a grey copy too, and the saved model knows it
+
+    model = VLM.from_pretrained(out / "model", with_llm=False)
+    assert model.vision.grey_view

@@ -10,7 +10,7 @@ import torch
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
 from qvlm.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy, build_tower,
-                                  lr_at_progress, normalise, position_prior, predict, readout_loss, render_pool,
+                                  grey_split, lr_at_progress, normalise, position_prior, predict, readout_loss, render_pool,
                                   run_pretrain_vision, scene_targets)
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
@@ -213,3 +213,27 @@ def test_per_attribute_accuracy_over_occupied_positions(targets):
     acc = attribute_accuracy(predict(one_hot_logits(wrong)), targets)
     assert acc["shape_acc"] == pytest.approx(1 - 1 / len(occupied))
     assert acc["color_acc"] == acc["size_acc"] == 1.0
+
+
+def test_grey_split_learns_shape_from_grey_images_only(targets):
+    processor = ImageProcessor(size=32)
+    pixels, tg = render_pool(0, "test", 0, 4, processor)
+    values = normalise(pixels, processor)
+    grey = torch.tensor([True, False, True, False])
+    before = values.clone(), tg.clone()
+    out, out_tg = grey_split(values, tg, grey, processor)
+    assert torch.equal(values, before[0]) and torch.equal(tg, before[1])  # inputs untouched
+    assert torch.equal(out[~grey], values[~grey])  # colour images as they were
+    assert torch.allclose(out[grey][:, 0], out[grey][:, 1]) and torch.allclose(out[grey][:, 0], out[grey][:, 2])
+    assert not torch.allclose(out[grey], values[grey])
+    assert (out_tg[grey][..., 1] == IGNORE).all() and torch.equal(out_tg[grey][..., 2], tg[grey][..., 2])
+    assert (out_tg[~grey][..., 2] == IGNORE).all() and torch.equal(out_tg[~grey][..., 1], tg[~grey][..., 1])
+    assert torch.equal(out_tg[..., [0, 3]], tg[..., [0, 3]])  # presence and size everywhere
+
+
+def test_grey_view_run_is_saved_with_its_setting(tmp_path):
+    metrics = run_pretrain_vision(tmp_path / "v", grey_view=True, **TINY)
+    saved = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert saved["settings"]["grey_view"] is True and 0.0 <= metrics["heldout_shape_acc"] <= 1.0
+    encoder = VisionEncoder.from_source(str(tmp_path / "v"), grey_view=True)
+    assert encoder.width == 2 * VisionEncoder.from_source(str(tmp_path / "v")).width

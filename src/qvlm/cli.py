@@ -140,7 +140,7 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
         raise UsageError("set data.cache_dir (e.g. data.cache_dir=runs/cache) to say where the cache goes")
     v = cfg.model.vision
     encoder = VisionEncoder.from_source(v.source, layer=v.layer, drop_cls=v.drop_cls, seed=cfg.train.seed,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+                                        trust_remote_code=cfg.model.trust_remote_code, grey_view=v.grey_view)
     report = {}
     for split in args.splits:
         report[split] = run_cache_features(cfg.data.source, encoder, cfg.data.cache_dir, split=split,
@@ -158,7 +158,8 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
     from qvlm.vision_pretrain import run_pretrain_vision
 
     metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds,
-                                  target_acc=args.target_acc, readout=args.readout, progress=not args.json)
+                                  target_acc=args.target_acc, readout=args.readout, grey_view=args.grey_view,
+                                  progress=not args.json)
     if args.json:
         print_json(metrics)
     else:
@@ -378,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spatial (default): a head shared by every token, pooled per position (tokens that "
                         "describe their own region); bound: spatial plus a head on the mean token (the average "
                         "says which object is where; the demo's choice); flat: one linear layer over all tokens")
+    p.add_argument("--grey-view", action="store_true",
+                   help="learn shape from grey copies of the images only, for model.vision.grey_view=true "
+                        "(colour then cannot stand in for shape; benchmarks/RESULTS.md, runs O and P)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 

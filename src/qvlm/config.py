@@ -42,6 +42,7 @@ class VisionConfig:
     source: str = "google/vit-base-patch16-224-in21k"
     layer: str = "last"  # "last" or "penultimate" hidden state
     drop_cls: bool = False  # drop the leading [CLS] token from the sequence
+    grey_view: bool = False  # also encode a grey copy of each image: a token holds both views (width 2x)
 
 
 @dataclass

@@ -5,6 +5,11 @@ Q-Former). Any HF vision tower works: ViT, DINOv2, the vision half of CLIP or Si
 two-tower checkpoint is cut down to its ``vision_model``). Its ``ImageProcessor`` is a small,
 deterministic resize + normalise read from the checkpoint's ``preprocessor_config.json``, so the
 data pipeline and the feature cache share one definition of "the pixels this tower expects".
+
+With ``grey_view`` the tower also encodes a grey copy of each image (ITU-R BT.601 luminance in all
+three channels), and each feature token carries both views of its patch, colour first: (B, N, 2Dv).
+A tower pretrained to read shapes from grey images (``qvlm pretrain-vision --grey-view``) then gives
+the Q-Former shape evidence that colour cannot bias (benchmarks/RESULTS.md, held-out pairs).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 
 from qvlm import sources
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: RGB -> grey (the weights sum to 1)
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
@@ -82,11 +88,20 @@ class ImageProcessor:
         )
 
 
+def to_grey(pixel_values: Tensor, processor: ImageProcessor) -> Tensor:
+    """Pixels normalised by ``processor`` (B, 3, H, W) -> the same images in grey, normalised the same way."""
+    mean = torch.tensor(processor.mean, device=pixel_values.device).view(1, 3, 1, 1)
+    std = torch.tensor(processor.std, device=pixel_values.device).view(1, 3, 1, 1)
+    weights = torch.tensor(LUMA, device=pixel_values.device).view(1, 3, 1, 1)
+    luma = ((pixel_values.float() * std + mean) * weights).sum(dim=1, keepdim=True)  # (B, 1, H, W) in [0, 1]
+    return ((luma - mean) / std).to(pixel_values.dtype)  # (B, 3, H, W)
+
+
 class VisionEncoder(nn.Module):
     """A frozen HF vision tower. ``forward(pixels (B, 3, H, W)) -> (B, N, Dv)``."""
 
     def __init__(self, tower: nn.Module, processor: ImageProcessor, layer: str = "last",
-                 drop_cls: bool = False, source: str = ""):
+                 drop_cls: bool = False, source: str = "", grey_view: bool = False):
         super().__init__()
         if layer not in ("last", "penultimate"):
             raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
@@ -94,6 +109,7 @@ class VisionEncoder(nn.Module):
         self.processor = processor
         self.layer = layer
         self.drop_cls = drop_cls
+        self.grey_view = grey_view
         self.source = source
         self._fingerprint: str | None = None
         self._num_tokens: int | None = None
@@ -102,7 +118,7 @@ class VisionEncoder(nn.Module):
 
     @classmethod
     def from_source(cls, source: str, layer: str = "last", drop_cls: bool = False,
-                    seed: int = 0, trust_remote_code: bool = False) -> "VisionEncoder":
+                    seed: int = 0, trust_remote_code: bool = False, grey_view: bool = False) -> "VisionEncoder":
         from transformers import AutoModel
 
         src = sources.resolve(source)
@@ -113,7 +129,7 @@ class VisionEncoder(nn.Module):
             processor = ImageProcessor.from_pretrained_dir(src.path, size)
         else:
             processor = ImageProcessor(size=size)
-        return cls(tower, processor, layer=layer, drop_cls=drop_cls, source=source)
+        return cls(tower, processor, layer=layer, drop_cls=drop_cls, source=source, grey_view=grey_view)
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         """The tower stays in eval mode (frozen: no dropout, fixed norms) whatever the caller asks."""
@@ -123,7 +139,8 @@ class VisionEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        return int(self.tower.config.hidden_size)
+        """Dv, the width of a feature token (twice the tower's with ``grey_view``)."""
+        return int(self.tower.config.hidden_size) * (2 if self.grey_view else 1)
 
     @property
     def image_size(self) -> int:
@@ -139,6 +156,16 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
+        if self.grey_view:  # one tower pass over both copies; a patch's two views side by side in one token
+            both = self.encode(torch.cat([pixel_values, self.grey(pixel_values)]))  # (2B, N, Dv)
+            colour, grey = both.chunk(2)
+            return torch.cat([colour, grey], dim=-1)  # (B, N, 2Dv)
+        return self.encode(pixel_values)
+
+    def grey(self, pixel_values: Tensor) -> Tensor:
+        return to_grey(pixel_values, self.processor)
+
+    def encode(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.tower.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
         want_hidden = self.layer == "penultimate"
@@ -149,10 +176,12 @@ class VisionEncoder(nn.Module):
         return feats
 
     def fingerprint(self) -> str:
-        """A hash of the weights, layer choice and pixel settings: keys the frozen-feature cache."""
+        """A hash of the weights, layer choice, pixel settings and views: keys the frozen-feature cache."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             meta = {"layer": self.layer, "drop_cls": self.drop_cls, "processor": self.processor.settings()}
+            if self.grey_view:  # absent when off, so caches built before the option stay valid
+                meta["grey_view"] = True
             digest.update(json.dumps(meta, sort_keys=True).encode())
             for name, tensor in sorted(self.tower.state_dict().items()):
                 digest.update(name.encode())

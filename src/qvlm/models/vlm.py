@@ -52,8 +52,8 @@ class VLM(nn.Module):
         with_llm = cfg.train.stage == 2 if with_llm is None else with_llm
         trust = cfg.model.trust_remote_code
         m = cfg.model
-        vision = VisionEncoder.from_source(m.vision.source, layer=m.vision.layer,
-                                           drop_cls=m.vision.drop_cls, seed=seed, trust_remote_code=trust)
+        vision = VisionEncoder.from_source(m.vision.source, layer=m.vision.layer, drop_cls=m.vision.drop_cls,
+                                           seed=seed, trust_remote_code=trust, grey_view=m.vision.grey_view)
         qformer = QFormer.from_source(
             m.qformer.source, vision_width=vision.width, num_queries=m.qformer.num_queries,
             cross_attention_every=m.qformer.cross_attention_every, dropout=m.qformer.dropout,
