@@ -237,3 +237,24 @@ def test_grey_view_run_is_saved_with_its_setting(tmp_path):
     assert saved["settings"]["grey_view"] is True and 0.0 <= metrics["heldout_shape_acc"] <= 1.0
     encoder = VisionEncoder.from_source(str(tmp_path / "v"), grey_view=True)
     assert encoder.width == 2 * VisionEncoder.from_source(str(tmp_path / "v")).width
+
+
+def test_grey_view_scene_head_keeps_shape_on_colour_images(monkeypatch, targets):
+    """With the grey view the token head learns shape from grey images only, but the bound readout's
+    scene head still gets every attribute of a colour image (only colour is dropped on grey ones)."""
+    import qvlm.vision_pretrain as V
+
+    seen = []
+    real = V.readout_loss
+    monkeypatch.setattr(V, "readout_loss", lambda logits, t: seen.append(t.clone()) or real(logits, t))
+    processor = ImageProcessor(size=32)
+    pixels, tg = render_pool(0, "test", 0, 4, processor)
+    tower = build_tower(32, 8, 32, 1, 4, seed=0)
+    readout = BoundReadout(17, 32)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(readout.parameters()))
+    grey = torch.tensor([True, False, True, False])
+    V.train_step(tower, readout, opt, pixels, tg, processor, autocast=False, grey=grey)
+    token_targets, scene_targets = seen
+    assert (token_targets[~grey][..., 2] == IGNORE).all()  # per-token head: no shape on colour images
+    assert torch.equal(scene_targets[~grey], tg[~grey])  # scene head: all of a colour image's labels
+    assert (scene_targets[grey][..., 1] == IGNORE).all() and torch.equal(scene_targets[grey][..., 2], tg[grey][..., 2])

@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "says which object is where; the demo's choice); flat: one linear layer over all tokens")
     p.add_argument("--grey-view", action="store_true",
                    help="learn shape from grey copies of the images only, for model.vision.grey_view=true "
-                        "(colour then cannot stand in for shape; benchmarks/RESULTS.md, runs O and P)")
+                        "(colour then cannot stand in for shape; benchmarks/RESULTS.md, runs O, P and R)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 

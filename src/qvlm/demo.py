@@ -41,8 +41,8 @@ def full_plan() -> Plan:
         # Q-Former's own captions went from exact 0.08 to 0.47 with the same stage 1 (RESULTS.md).
         # It learns more slowly than the spatial one alone (about 500 steps to the early stop), so
         # the budget is in steps, with a time cap: a slow hour then gets the same tower.
-        # No grey view (vision_pretrain): it lifted held-out pairs to 0.25-0.285 but cost count and
-        # exact match (runs O and P in RESULTS.md).
+        # No grey view (vision_pretrain): it lifted held-out pairs to 0.215-0.285 but cost exact match
+        # (0.13 in run R against 0.28-0.325; runs O, P and R in RESULTS.md).
         vision={"max_seconds": 240.0, "max_steps": 700, "target_acc": 0.99, "readout": "bound"},
         shared=["data.source=synth:n=14000", "eval.batch_size=64"],  # > one epoch of stage 1
         # ITM is left out of the demo's short stage 1: in a 150-step run it never left its label
