@@ -7,8 +7,8 @@ them. For finding what to optimise; the speed claims themselves come from ``qvlm
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +18,10 @@ from torch.profiler import ProfilerActivity, profile
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
 from qvlm.bench.shapes import SHAPES
 from qvlm.bench.stage2 import stage2_batch
+from qvlm.bench.timing import kernel_totals, synchronizer, time_one
+from qvlm.train.loop import frozen_weights
 from qvlm.train.speed import compile_layers
+from qvlm.train.steps import step_losses
 
 
 def top(averages, on_device: bool, key: str, n: int) -> str:
@@ -79,17 +82,10 @@ def main() -> None:
             bf16_residual(trainer.model)
         if args.compile:
             compile_layers(trainer.model)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for _ in range(3):
-            trainer.step(batch)
-        sync()
-        start = time.perf_counter()
-        for _ in range(3):
-            trainer.step(batch)
-        sync()
-        step_ms = 1000 * (time.perf_counter() - start) / 3
-        with torch.no_grad(), bench.autocast(), trainer.frozen_weights():
-            from qvlm.train.steps import step_losses
+        sync = synchronizer(device)
+        timing = time_one(lambda: trainer.step(batch), repeats=3, warmup=3, sync=sync)
+        step_ms = 1000 * statistics.mean(timing.seconds)
+        with torch.no_grad(), bench.autocast(), frozen_weights(trainer.model, bench.bf16):
             loss = float(step_losses(trainer.model, batch, trainer.cfg, generator=trainer.generator,
                                      dec_token_id=trainer.dec_token_id)["loss"])
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -102,8 +98,7 @@ def main() -> None:
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
     if device.type == "cuda":
-        kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
-        print(f"kernel time {kernels / 1000:.1f} ms in the profiled step; top kernels:")
+        print(f"kernel time {kernel_totals(averages)['kernel_ms']:.1f} ms in the profiled step; top kernels:")
         print(top(averages, True, "self_device_time_total", args.rows))
         print("operators by the device time of the kernels they launched (children included):")
         print(top(averages, False, "device_time_total", args.rows))

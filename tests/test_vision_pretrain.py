@@ -221,7 +221,7 @@ def test_grey_split_learns_shape_from_grey_images_only(targets):
     values = normalise(pixels, processor)
     grey = torch.tensor([True, False, True, False])
     before = values.clone(), tg.clone()
-    out, out_tg = grey_split(values, tg, grey, processor)
+    out, out_tg, scene_tg = grey_split(values, tg, grey, processor)
     assert torch.equal(values, before[0]) and torch.equal(tg, before[1])  # inputs untouched
     assert torch.equal(out[~grey], values[~grey])  # colour images as they were
     assert torch.allclose(out[grey][:, 0], out[grey][:, 1]) and torch.allclose(out[grey][:, 0], out[grey][:, 2])
@@ -229,6 +229,7 @@ def test_grey_split_learns_shape_from_grey_images_only(targets):
     assert (out_tg[grey][..., 1] == IGNORE).all() and torch.equal(out_tg[grey][..., 2], tg[grey][..., 2])
     assert (out_tg[~grey][..., 2] == IGNORE).all() and torch.equal(out_tg[~grey][..., 1], tg[~grey][..., 1])
     assert torch.equal(out_tg[..., [0, 3]], tg[..., [0, 3]])  # presence and size everywhere
+    assert torch.equal(scene_tg[~grey], tg[~grey]) and torch.equal(scene_tg[grey], out_tg[grey])  # scene head
 
 
 def test_grey_view_run_is_saved_with_its_setting(tmp_path):

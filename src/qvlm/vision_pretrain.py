@@ -300,26 +300,27 @@ class ThreadPicker:
         return {str(c): round(min(t), 3) for c, t in self.recent.items()}
 
 
-def grey_split(pixel_values: Tensor, targets: Tensor, grey: Tensor, processor: ImageProcessor) -> tuple[Tensor, Tensor]:
+def grey_split(pixel_values: Tensor, targets: Tensor, grey: Tensor,
+               processor: ImageProcessor) -> tuple[Tensor, Tensor, Tensor]:
     """The ``grey_view`` training batch: images where ``grey`` (B,) is True turned grey with their colour
-    target ignored; the others keep colour and have their shape target ignored. Copies the inputs."""
-    pixel_values, targets = pixel_values.clone(), targets.clone()
+    target ignored. Returns the pixels, the per-token head's targets (shape ignored on colour images:
+    shape is learned from grey images only) and the scene head's (shape kept on colour images: that
+    head binds every attribute of an object). Copies the inputs."""
+    pixel_values, scene = pixel_values.clone(), targets.clone()
     pixel_values[grey] = to_grey(pixel_values[grey], processor)
-    targets[grey, :, 1] = IGNORE  # no colour in a grey image
-    targets[~grey, :, 2] = IGNORE  # shape is learned from grey images only
-    return pixel_values, targets
+    scene[grey, :, 1] = IGNORE  # no colour in a grey image
+    tokens = scene.clone()
+    tokens[~grey, :, 2] = IGNORE
+    return pixel_values, tokens, scene
 
 
 def train_step(tower, readout: nn.Module, opt, pixels: Tensor, targets: Tensor, processor: ImageProcessor,
                autocast: bool, grey: Tensor | None = None) -> dict[str, Tensor]:
     """One AdamW step on a batch (uint8 pixels (B, 3, H, W), targets (B, P, 4)); returns the losses.
     ``grey`` (B,) bool: the ``grey_view`` split of the batch (``grey_split``)."""
-    pixel_values = normalise(pixels, processor)
-    scene = targets  # the scene head's targets
+    pixel_values, scene = normalise(pixels, processor), targets  # scene: the scene head's targets
     if grey is not None:
-        scene = targets.clone()
-        scene[grey, :, 1] = IGNORE  # the scene head keeps shape on colour images: it binds every attribute
-        pixel_values, targets = grey_split(pixel_values, targets, grey, processor)
+        pixel_values, targets, scene = grey_split(pixel_values, targets, grey, processor)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         tokens = tower(pixel_values=pixel_values).last_hidden_state  # (B, N, Dv)
         losses = readout_loss(readout(tokens), targets)

@@ -80,10 +80,11 @@ class Trainer:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def step(self, batch: dict) -> None:
+        from qvlm.train.loop import frozen_weights
         from qvlm.train.steps import step_losses
 
         fn = self.losses_fn or step_losses
-        with self.frozen_weights():
+        with frozen_weights(self.model, self.bench.bf16):
             with self.bench.autocast():
                 terms = fn(self.model, batch, self.cfg, generator=self.generator, dec_token_id=self.dec_token_id)
             terms["loss"].backward()
@@ -92,13 +93,6 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.heads.clamp_temperature()
-
-    def frozen_weights(self):
-        """As in the training loop: under bf16 autocast the frozen LLM runs on bf16 weight copies."""
-        llm = self.model.llm
-        if llm is None or not self.bench.bf16:
-            return contextlib.nullcontext()
-        return llm.frozen_linears_as(torch.bfloat16)
 
 
 def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, fused_adamw: bool | None = None,

@@ -87,9 +87,15 @@ def device_time(fn: Callable[[], object], device: torch.device) -> dict | None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return kernel_totals(prof.key_averages())
+
+
+def kernel_totals(averages) -> dict:
+    """From a profile's ``key_averages()``: the summed time of what ran on the GPU (kernels, copies,
+    memsets) in ms, and how many there were."""
     from torch.autograd import DeviceType
 
-    on_gpu = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, copies, memsets
+    on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA]
     kernel_us = sum(e.self_device_time_total for e in on_gpu)
     return {"kernel_ms": round(kernel_us / 1000, 2), "launches": int(sum(e.count for e in on_gpu))}
 

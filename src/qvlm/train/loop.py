@@ -90,6 +90,15 @@ class TrainStep(nn.Module):
         return step_losses(self.model, batch, self.cfg, generator=generator, dec_token_id=self.dec_token_id)
 
 
+def frozen_weights(model: VLM, bf16: bool):
+    """The context of a training step: under bf16 autocast the frozen LLM runs on stored bf16 copies
+    of its Linear weights (``LanguageModel.frozen_linears_as``) instead of casting them on every
+    forward; a no-op without an LLM or without bf16."""
+    if model.llm is None:
+        return nullcontext()
+    return model.llm.frozen_linears_as(torch.bfloat16 if bf16 else None)
+
+
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
@@ -141,10 +150,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not progress or D.rank() != 0,
                desc=f"stage {cfg.train.stage}", file=sys.stderr, dynamic_ncols=True)
     params = [p for g in opt.param_groups for p in g["params"]]
-    # bf16 autocast casts every frozen LLM weight on every forward; stored bf16 copies give the same
-    # products without those copies (LanguageModel.frozen_linears_as), only inside the step
-    frozen = (partial(model.llm.frozen_linears_as, torch.bfloat16 if bf16 else None) if model.llm is not None
-              else nullcontext)
+    frozen = partial(frozen_weights, model, bf16)  # bf16 copies of the frozen LLM weights, inside the step
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         lr = set_lr(opt, state.step, cfg.train)
