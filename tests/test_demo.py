@@ -7,7 +7,7 @@ from PIL import Image
 from qvlm.cli import main
 
 KEYS = {
-    "vision": ["attr_acc", "heldout_shape_acc"],
+    "vision": ["attr_acc", "heldout_shape_acc", "scene_object_acc"],
     "stage1": ["i2t_r1", "t2i_r1", "qformer_color_shape_acc", "qformer_count_acc", "qformer_exact_match"],
     "stage2": ["color_shape_acc", "count_acc", "exact_match", "heldout_color_shape_acc", "cider"],
     "retention": ["ppl_base", "ppl_adapted", "facts_kept", "facts_total"],

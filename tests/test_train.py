@@ -104,6 +104,36 @@ def test_nan_loss_stops_with_clear_message(tmp_path, monkeypatch):
         train(tiny("train.max_steps=2"), tmp_path / "run", progress=False)
 
 
+def test_step_logs_the_mean_of_its_micro_batches_and_the_gradient_norm(monkeypatch):
+    """Each logged term is the mean over the micro-batches and the gradient norm is the one clipped
+    (before clipping); they are read from the device together (no float() per term: on a GPU each
+    would wait for the device)."""
+    import qvlm.train.loop as loop
+
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    calls = []
+
+    def step(batch, gen):
+        calls.append(len(calls))
+        scale = float(len(calls))  # micro-batch k: loss k * sum(weight), extra term k
+        return {"loss": scale * weight.sum(), "extra": torch.tensor(scale)}
+
+    cfg = tiny("train.grad_accum=2", "train.clip_grad=100")
+    stream = type("Stream", (), {"next_batch": lambda self, device: {}})()
+    accelerator = type("Acc", (), {"no_sync": lambda self, module: loop.nullcontext()})()
+    model = type("Model", (), {"heads": type("Heads", (), {"clamp_temperature": lambda self: None})()})()
+    opt = torch.optim.SGD([weight], lr=0.0)
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or real_float(t))
+    values = loop.train_step(step, accelerator, model, opt, stream, cfg, loop.nullcontext(), None, [weight],
+                             torch.device("cpu"))
+    assert calls == [0, 1] and reads == []
+    assert values["extra"] == pytest.approx(1.5) and values["loss"] == pytest.approx(1.5 * 7.0)
+    assert values["grad_norm"] == pytest.approx(1.5 * 2 ** 0.5)  # d/dw of the mean loss: 1.5 per weight
+    assert all(isinstance(v, float) for v in values.values())
+
+
 def test_prune_keeps_last_and_best(tmp_path):
     cfg = tiny("train.max_steps=6", "train.save_every=1", "train.keep_last=2")
     train(cfg, tmp_path / "run", progress=False)

@@ -202,6 +202,7 @@ def test_bound_readout_adds_a_scene_head_on_the_token_mean(tmp_path):
     assert torch.allclose(readout.extra_logits(tokens[:, torch.randperm(17)]), scene, atol=1e-5)  # any order
     metrics = run_pretrain_vision(tmp_path / "tower", **TINY, readout="bound")
     assert metrics["steps"] == 5 and metrics["settings"]["readout"] == "bound"
+    assert 0.0 <= metrics["scene_object_acc"] <= 1.0  # the scene head is scored
 
 
 
