@@ -70,6 +70,8 @@ def main() -> None:
                          "its residual stream is bf16 (stage 2)")
     ap.add_argument("--sdpa", choices=("default", "efficient", "flash", "cudnn", "math"), default="default",
                     help="experiment: restrict scaled_dot_product_attention to one backend")
+    ap.add_argument("--pad-multiple", type=int, default=1,
+                    help="stage 2: pad the rows to a multiple of this (data.pad_to_multiple_of)")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +79,8 @@ def main() -> None:
         bench = Bench(device, "bf16", 1, 1, Path(work))
         trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch)
         files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
-        batch = (stage2_batch if args.stage == 2 else fixed_stage1_batch)(trainer, files, args.batch)
+        batch = (stage2_batch(trainer, files, args.batch, args.pad_multiple) if args.stage == 2
+                 else fixed_stage1_batch(trainer, files, args.batch))
         if args.bf16_residual:
             bf16_residual(trainer.model)
         if args.compile:
@@ -94,7 +97,8 @@ def main() -> None:
             sync()
     averages = prof.key_averages()
     extras = [name for name, on in (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
-                                     (f"SDPA {args.sdpa}", args.sdpa != "default")) if on]
+                                     (f"SDPA {args.sdpa}", args.sdpa != "default"),
+                                     (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1)) if on]
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
     if device.type == "cuda":

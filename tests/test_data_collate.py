@@ -33,6 +33,17 @@ def test_batch_shapes_and_dynamic_padding(tokenizer):
     assert torch.allclose(batch["pixel_values"][1], ImageProcessor(size=32)([items[1]["image"]])[0])
 
 
+def test_pad_to_multiple(tokenizer):
+    items = [SynthScenes(6, seed=0, image_size=16)[i] for i in range(4)]
+    plain = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=64)(items)
+    padded = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=64, pad_to_multiple_of=8)(items)
+    t, t8 = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
+    assert t8 % 8 == 0 and t < t8 < t + 8  # the plain width is not a multiple of 8 here
+    assert torch.equal(padded["input_ids"][:, :t], plain["input_ids"])
+    assert torch.equal(padded["attention_mask"][:, :t], plain["attention_mask"])
+    assert (padded["attention_mask"][:, t:] == 0).all() and (padded["input_ids"][:, t:] == tokenizer.pad_token_id).all()
+
+
 def test_truncation_and_markers(tokenizer):
     ds = SynthScenes(2, image_size=16)
     long = dict(ds[0], caption="word " * 500, key="long")

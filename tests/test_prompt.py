@@ -241,6 +241,17 @@ def test_collator_shapes_padding_and_labels(tok):
     assert merged.sum().item() == b * Q * 8
 
 
+def test_collator_pads_to_a_multiple(tok):
+    items = scenes(4)
+    plain, padded = collator(tok)(items), collator(tok, pad_to_multiple_of=16)(items)
+    t, t16 = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
+    assert t16 % 16 == 0 and t <= t16 < t + 16 and t % 16 != 0  # (the plain width is not a multiple already)
+    for key in ("input_ids", "attention_mask", "labels", "image_mask"):
+        assert torch.equal(padded[key][:, :t], plain[key])
+    assert (padded["attention_mask"][:, t:] == 0).all() and (padded["labels"][:, t:] == IGNORE).all()
+    assert (padded["input_ids"][:, t:] == tok.pad_token_id).all() and not padded["image_mask"][:, t:].any()
+
+
 def test_prompt_choice_is_deterministic_per_seed_and_key(tok):
     items = scenes(8, captions_only=True)
     first = collator(tok, seed=3)(items)

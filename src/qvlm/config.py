@@ -125,6 +125,9 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str = ""  # frozen-feature cache; "" = off
     group_by_length: bool = False
+    # Pad each batch's text rows to a multiple of this (8 or 16 suit GPU tensor cores; padded
+    # positions are masked out, so losses are unchanged); 1 = to the longest row
+    pad_to_multiple_of: int = 1
     augment: bool = False
     # Stage 2, records with both a caption and question-answer pairs: the share of samples that
     # train on the caption (the rest on one of the pairs).
@@ -354,6 +357,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr", "> 0"),
         (cfg.data.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
+        (cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", ">= 1"),
         (0.0 <= cfg.data.caption_prob <= 1.0, "data.caption_prob", "in [0, 1]"),
     ]
     for ok, key, expected in checks:

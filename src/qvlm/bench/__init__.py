@@ -311,6 +311,8 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
         ck = out["checkpointing"]
         report["findings"]["stage2_checkpointing"] = (f"step time x{ck['time_ratio']:.2f}, memory growth "
                                                       f"{ck['mem_saving_mb']:.0f} MiB lower")
+    if "pad16_vs_longest" in out:
+        report["ratios"]["pad16_vs_longest_stage2"] = out["pad16_vs_longest"]
     step = out["step"]
     if step.get("mfu") is not None:
         report["findings"]["stage2_mfu"] = step["mfu"]

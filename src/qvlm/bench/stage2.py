@@ -22,15 +22,17 @@ from qvlm.bench.timing import device_time, synchronizer
 GROUP = "stage-2 train step"
 
 
-def stage2_batch(trainer: Trainer, files: SceneFiles, batch_size: int) -> dict:
-    """A collated stage-2 batch with ``image_embeds`` (frozen features computed here), on the device."""
+def stage2_batch(trainer: Trainer, files: SceneFiles, batch_size: int, multiple: int = 1) -> dict:
+    """A collated stage-2 batch with ``image_embeds`` (frozen features computed here), on the device;
+    its rows padded to a multiple of ``multiple`` (``data.pad_to_multiple_of``)."""
     from qvlm.data.collate_stage2 import Stage2Collator
     from qvlm.train.batches import STAGE2_PROMPT_BUDGET
 
     cfg, model = trainer.cfg, trainer.model
     q = cfg.model.qformer.num_queries
     collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q, cfg.model.llm,
-                             max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q, seed=0)
+                             max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q, seed=0,
+                             pad_to_multiple_of=multiple)
     dataset = files.dataset(decode=True)
     batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     with torch.no_grad(), trainer.bench.autocast():
@@ -88,6 +90,19 @@ def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> di
             "mem_saving_mb": timings["off"].memory.growth_mb - timings["on"].memory.growth_mb}
 
 
+def padding(bench: Bench, trainer: Trainer, files: SceneFiles, batch: dict, label: str,
+            multiple: int = 16) -> float:
+    """The step on the batch as collated (rows padded to the longest) vs the same batch padded to a
+    multiple of ``multiple`` (tensor-core friendly shapes on a GPU); returns padded-faster-by."""
+    padded = stage2_batch(trainer, files, batch["input_ids"].shape[0], multiple)
+    timings = bench.time({"longest": lambda: trainer.step(batch), "multiple": lambda: trainer.step(padded)})
+    b = batch["input_ids"].shape[0]
+    row(bench, GROUP, "rows padded to the longest", label, b, seq_label(trainer, batch), timings["longest"])
+    row(bench, GROUP, f"rows padded to a multiple of {multiple}", label, b, seq_label(trainer, padded),
+        timings["multiple"])
+    return timings["longest"].median / timings["multiple"].median
+
+
 def fits(trainer: Trainer, files: SceneFiles, batch_size: int) -> bool:
     """Whether two steps at ``batch_size`` run without running out of device memory."""
     try:
@@ -142,6 +157,7 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
     out = {"step": step_rows(bench, trainer, batch, shapes.label, peak, note=note)}
     if with_checkpointing:
         with bench.rounds(option_repeats or bench.repeats):
+            out["pad16_vs_longest"] = padding(bench, trainer, files, batch, shapes.label)
             try:
                 out["checkpointing"] = checkpointing(bench, trainer, batch, shapes.label)
             except torch.OutOfMemoryError as exc:

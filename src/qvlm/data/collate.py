@@ -80,11 +80,16 @@ def usable_items(items: list[dict], features=None) -> tuple[list[dict], dict[str
     return records, skipped, shards, notes
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= n (n itself for multiple 1)."""
+    return -(-n // multiple) * multiple
+
+
 class Stage1Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "captions", "keys", ...}."""
 
     def __init__(self, processor=None, tokenizer=None, max_text_len: int = 32, augment: Augment | None = None,
-                 features=None, feature_dtype: torch.dtype = torch.float32):
+                 features=None, feature_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 1):
         if augment is not None and features is not None:
             raise ValueError(AUGMENT_AND_CACHE)
         if processor is None and features is None:
@@ -93,6 +98,7 @@ class Stage1Collator:
             raise ValueError("Stage1Collator needs the Q-Former tokenizer")
         self.processor, self.tokenizer, self.max_text_len = processor, tokenizer, max_text_len
         self.augment, self.features, self.feature_dtype = augment, features, feature_dtype
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict:
         records, skipped, shards, notes = usable_items(items, self.features)
@@ -112,7 +118,13 @@ class Stage1Collator:
             return {"input_ids": empty, "attention_mask": empty.clone()}
         enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (B, T) each
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) each
+        width = round_up(ids.shape[1], self.pad_to_multiple_of)
+        if width > ids.shape[1]:  # more pad columns, masked out
+            pad_id = self.tokenizer.pad_token_id or 0
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=0)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def pixels(self, records: list[dict]) -> torch.Tensor:
         if not records:

@@ -21,7 +21,7 @@ import random
 import torch
 
 from qvlm.config import LLMConfig
-from qvlm.data.collate import usable_items
+from qvlm.data.collate import round_up, usable_items
 from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check_labels, pick_turn
 
 
@@ -31,7 +31,7 @@ class Stage2Collator:
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,
-                 feature_dtype: torch.dtype = torch.float32):
+                 feature_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 1):
         if processor is None and features is None:
             raise ValueError("Stage2Collator needs an image processor or a feature cache")
         if tokenizer is None:
@@ -39,6 +39,7 @@ class Stage2Collator:
         self.processor, self.tokenizer, self.num_queries = processor, tokenizer, num_queries
         self.llm_cfg, self.max_len, self.features, self.seed = llm_cfg, max_len, features, seed
         self.caption_prob, self.feature_dtype = caption_prob, feature_dtype
+        self.pad_to_multiple_of = pad_to_multiple_of
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
 
@@ -50,7 +51,7 @@ class Stage2Collator:
                  "targets": [t.target for t in turns], "prompts": [t.user for t in turns],
                  "attributes": [r.get("attributes") for r in records],
                  "skipped": skipped, "shards_done": shards, "notes": notes}
-        batch.update(pad_examples(examples, self.pad_id))
+        batch.update(pad_examples(examples, self.pad_id, self.pad_to_multiple_of))
         if records:
             check_batch(batch["labels"])
         if self.features is not None:
@@ -79,9 +80,10 @@ class Stage2Collator:
         return self.processor([r["image"] for r in records])  # (B, 3, H, W)
 
 
-def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, masks with 0/False."""
-    b, t = len(examples), max((len(e.input_ids) for e in examples), default=0)
+def pad_examples(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to a multiple of ``multiple``: input_ids with
+    ``pad_id``, labels with -100, masks with 0/False."""
+    b, t = len(examples), round_up(max((len(e.input_ids) for e in examples), default=0), multiple)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((b, t), IGNORE, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)

@@ -215,13 +215,14 @@ def build_stream(cfg: Config, model, split: str = "train", progress: bool = True
         from qvlm.data.collate import Stage1Collator
 
         collate = Stage1Collator(model.vision.processor, qformer_tokenizer, max_text_len=q.max_text_len,
-                                 features=features)
+                                 features=features, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     else:
         from qvlm.data.collate_stage2 import Stage2Collator
 
         collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q.num_queries, cfg.model.llm,
                                  max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
-                                 features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob)
+                                 features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob,
+                                 pad_to_multiple_of=cfg.data.pad_to_multiple_of)
     stream = BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
                          num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
                          group_by_length=cfg.data.group_by_length)
