@@ -128,7 +128,7 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
         assert r["ms"] > 0 and r["batch"] >= 0 and r["precision"] == "fp32"
     stage2 = [r for r in report["rows"] if r["group"] == "stage-2 train step" and r["name"] == "from cached features"]
     assert len(stage2) == 2  # demo and real roles
-    assert report["ratios"]["pad16_vs_longest_stage2"] > 0
+    assert report["ratios"]["pad16_vs_longest_stage2"] > 0 and report["ratios"]["shared_prefix_stage2"] > 0
     padded = [r for r in report["rows"] if r["name"] == "rows padded to a multiple of 16"]
     longest = [r for r in report["rows"] if r["name"] == "rows padded to the longest"]
     assert len(padded) == len(longest) == 1 and int(padded[0]["seq"].split()[0].removeprefix("T=")) % 16 == 0

@@ -204,3 +204,48 @@ def test_compiled_layers_match_eager(positions):
     assert grads.keys() == eager_grads.keys() and any("lora_" in n for n in grads)
     assert all(torch.allclose(grads[n], eager_grads[n], atol=1e-6) for n in grads)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("positions", ["all", "from_image"])
+def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(positions):
+    """train.share_prompt_prefix: with LoRA from the image on, the prompt tokens every row shares run
+    once without autograd, and the loss and every gradient are the full forward's; with LoRA on all
+    positions (it acts on the prefix) the full forward runs."""
+    from qvlm.data.collate_stage2 import Stage2Collator
+    from qvlm.data.synth import SynthScenes
+    from qvlm.train.steps import stage2_losses
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
+    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
+    torch.manual_seed(0)
+    for p in model.projector.parameters():  # LoRA B starts at zero: make the adapters act
+        p.data.normal_(0, 0.5)
+    for name, p in model.llm.lora_parameters():
+        p.data.normal_(0, 0.5)
+    scenes = SynthScenes(4, image_size=32)
+    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
+                             cfg.model.llm, max_len=64, caption_prob=1.0)
+    batch = collate([scenes[i] for i in range(4)])
+    k = batch["shared_prefix"]
+    assert 0 < k <= int(batch["image_mask"].float().argmax(1).min())
+    assert bool((batch["input_ids"][:, :k] == batch["input_ids"][:1, :k]).all())
+    with torch.no_grad():
+        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
+    calls = []
+    model.llm.base_model().get_decoder().register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def loss_and_grads(share: bool):
+        cfg.train.share_prompt_prefix = share
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        loss = stage2_losses(model, batch, cfg)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    full_loss, full_grads, full_calls = loss_and_grads(False)
+    loss, grads, n_calls = loss_and_grads(True)
+    assert full_calls == 1 and n_calls == (2 if positions == "from_image" else 1)  # the prefix pass, then the rest
+    assert torch.allclose(loss, full_loss, atol=1e-5)
+    assert grads.keys() == full_grads.keys() and any("lora_" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], full_grads[n], atol=1e-5, rtol=1e-4), n

@@ -168,6 +168,11 @@ class TrainConfig:
     freeze_qformer: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each Q-Former and LLM layer (first steps pay the compilation)
+    # Stage 2 with LoRA on the image positions and after (model.llm.lora.positions image/from_image):
+    # the prompt tokens every row of a batch shares before its image (system turn, user header) go
+    # through the frozen LLM once, without autograd, and the rows attend to their keys/values
+    # (not with LLM gradient checkpointing or train.compile)
+    share_prompt_prefix: bool = True
     dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
     tensorboard: bool = False  # also write OUT/tensorboard/ event files (needs the tensorboard package)
 

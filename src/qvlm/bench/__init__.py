@@ -298,10 +298,14 @@ def stage1_batch_search(bench, shapes: Shapes, start: int, largest: int) -> int:
 
 
 def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> None:
-    from qvlm.bench.stage2 import bench_stage2
+    from qvlm.bench.stage2 import bench_stage2, shared_prefix_rows
 
     attempt(bench, "stage 2 at demo shapes", lambda: bench_stage2(bench, shapes_of(p, "demo"), p.demo_stage2_batch,
                                                                   peak))
+    if p.options:
+        with bench.rounds(p.option_repeats):
+            attempt(bench, "shared prompt prefix", lambda: report["ratios"].__setitem__(
+                "shared_prefix_stage2", shared_prefix_rows(bench, shapes_of(p, "demo"), p.demo_stage2_batch)))
     # torch.compile of the stage-2 step on GPUs only: on CPU it compiles for minutes and gained nothing
     out = bench_stage2(bench, shapes_of(p, "real"), p.stage2_batch, peak, with_checkpointing=p.options,
                        batch_search=batch_search, option_repeats=p.option_repeats,

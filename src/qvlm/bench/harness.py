@@ -96,7 +96,8 @@ class Trainer:
 
 
 def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, fused_adamw: bool | None = None,
-                  gradient_checkpointing: bool = False, compile: bool = False, seed: int = 0) -> Trainer:
+                  gradient_checkpointing: bool = False, compile: bool = False, seed: int = 0,
+                  overrides: tuple[str, ...] = ()) -> Trainer:
     """A fresh model (random weights) of ``shapes`` on the bench device, set to train ``stage``."""
     from qvlm.models.vlm import VLM
     from qvlm.sources import load_tokenizer
@@ -104,7 +105,7 @@ def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, fus
     from qvlm.train.optim import build_optimizer
     from qvlm.train.speed import apply_speed_options
 
-    cfg = shapes.config(stage=stage, precision=bench.precision, batch_size=batch_size,
+    cfg = shapes.config(stage=stage, precision=bench.precision, batch_size=batch_size, overrides=overrides,
                         gradient_checkpointing=gradient_checkpointing, compile=compile)
     torch.manual_seed(seed)
     model = VLM.from_config(cfg, with_llm=stage == 2, seed=seed).to(bench.device)

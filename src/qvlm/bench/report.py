@@ -17,6 +17,7 @@ RATIO_MEANING = {
     "one_query_pass_stage1": "stage-1 step: separate query and text passes / one unimodal pass",
     "dynamic_vs_max_padding_stage1": "stage-1 step: padded to max_text_len / padded to the longest caption",
     "pad16_vs_longest_stage2": "stage-2 step: rows padded to the longest / padded to a multiple of 16",
+    "shared_prefix_stage2": "stage-2 step, LoRA from the image on: whole rows / shared prompt prefix run once",
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
     "compile_stage1": "stage-1 step: eager / torch.compile'd Q-Former",

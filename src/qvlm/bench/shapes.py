@@ -57,8 +57,10 @@ class Shapes:
     max_text_len: int = 32
     embed_dim: int = 256
 
-    def config(self, stage: int = 1, precision: str = "auto", batch_size: int = 8, **train) -> Config:
-        """A resolved config at these shapes (stage, precision, batch and extra ``train.*`` fields)."""
+    def config(self, stage: int = 1, precision: str = "auto", batch_size: int = 8, overrides: tuple[str, ...] = (),
+               **train) -> Config:
+        """A resolved config at these shapes (stage, precision, batch, extra ``train.*`` fields and
+        ``key=value`` ``overrides``)."""
         overrides = [
             f"model.vision.source={self.vision}", f"model.qformer.source={self.qformer}",
             f"model.qformer.tokenizer={BERT_TOKENIZER}", f"model.qformer.num_queries={self.queries}",
@@ -66,7 +68,7 @@ class Shapes:
             f"model.llm.source={self.llm}", f"model.llm.tokenizer={LLM_TOKENIZER}",
             f"data.source=synth:n=64,image_size={self.image_size}", f"data.image_size={self.image_size}",
             f"train.stage={stage}", f"train.precision={precision}", f"train.batch_size={batch_size}",
-        ] + [f"train.{k}={v}" for k, v in train.items()]
+        ] + [f"train.{k}={v}" for k, v in train.items()] + list(overrides)
         return load_config(None, overrides)
 
 

@@ -103,6 +103,30 @@ def padding(bench: Bench, trainer: Trainer, files: SceneFiles, batch: dict, labe
     return timings["longest"].median / timings["multiple"].median
 
 
+def shared_prefix_rows(bench: Bench, shapes: Shapes, batch_size: int) -> float:
+    """With LoRA from the image on (the demo's placement), the step with the prompt prefix all rows
+    share run once without autograd (``train.share_prompt_prefix``) vs the whole rows through the
+    LLM's autograd; returns shared-faster-by."""
+    trainer = build_trainer(shapes, bench, stage=2, batch_size=batch_size,
+                            overrides=("model.llm.lora.positions=from_image",))
+    files = SceneFiles(bench.work, shapes.file_size, max(batch_size, 8))
+    batch = stage2_batch(trainer, files, batch_size)
+
+    def run(on: bool):
+        def go():
+            trainer.cfg.train.share_prompt_prefix = on
+            trainer.step(batch)
+        return go
+
+    timings = bench.time({"full": run(False), "shared": run(True)})
+    seq = f"{seq_label(trainer, batch)}, shared prefix {batch['shared_prefix']} tokens"
+    row(bench, GROUP, "LoRA from the image on: whole rows", shapes.label, batch_size, seq, timings["full"])
+    row(bench, GROUP, "LoRA from the image on: shared prompt prefix once", shapes.label, batch_size, seq,
+        timings["shared"])
+    trainer.model.llm.release_frozen_copies()
+    return timings["full"].median / timings["shared"].median
+
+
 def fits(trainer: Trainer, files: SceneFiles, batch_size: int) -> bool:
     """Whether two steps at ``batch_size`` run without running out of device memory."""
     try:

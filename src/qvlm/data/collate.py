@@ -2,10 +2,11 @@
 
 ``Stage1Collator`` drops skip / shard markers (reporting them as ``batch["skipped"]`` and
 ``batch["shards_done"]``), runs the vision tower's ``ImageProcessor`` (resize + normalise), and
-tokenises captions with dynamic padding to the longest caption in the batch, cut at ``max_text_len``
-tokens. With a feature cache it returns ``image_embeds`` (B, N, Dv) looked up by ``image_id``
-instead of ``pixel_values`` (B, 3, H, W); a record missing from the cache is skipped as
-``not_in_cache``. A batch may come out empty (every item skipped): ``len(batch["keys"]) == 0``.
+tokenises captions with dynamic padding to the longest caption in the batch (rounded up to
+``pad_to_multiple_of``, masked), cut at ``max_text_len`` tokens. With a feature cache it returns
+``image_embeds`` (B, N, Dv) looked up by ``image_id`` instead of ``pixel_values`` (B, 3, H, W); a
+record missing from the cache is skipped as ``not_in_cache``. A batch may come out empty (every item
+skipped): ``len(batch["keys"]) == 0``.
 
 Augmentation (``Augment``: random resized crop, optional horizontal flip) is off by default: on the
 synthetic scenes a flip swaps "left" and "right" and a crop can cut objects out, making captions

@@ -6,7 +6,8 @@ vision tower's ``ImageProcessor`` or, with a feature cache, ``image_embeds`` loo
 ``image_id`` (records missing from the cache are skipped as ``not_in_cache``), and builds each
 sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
 pair of the record), ``num_queries`` image slots inside the user turn, the target, and labels only
-on the target + end-of-turn tokens. Rows are right-padded to the longest (pad id, -100, False).
+on the target + end-of-turn tokens. Rows are right-padded to the longest, rounded up to
+``pad_to_multiple_of`` (pad id, -100, False).
 
 The prompt choice is a pure function of (seed, record key): the same record gets the same prompt in
 any batch, worker or resumed run, and global RNG state is never touched. Every sample passes
@@ -52,6 +53,7 @@ class Stage2Collator:
                  "attributes": [r.get("attributes") for r in records],
                  "skipped": skipped, "shards_done": shards, "notes": notes}
         batch.update(pad_examples(examples, self.pad_id, self.pad_to_multiple_of))
+        batch["shared_prefix"] = shared_prefix(examples)
         if records:
             check_batch(batch["labels"])
         if self.features is not None:
@@ -78,6 +80,19 @@ class Stage2Collator:
             size = self.processor.size
             return torch.zeros((0, 3, size, size))
         return self.processor([r["image"] for r in records])  # (B, 3, H, W)
+
+
+def shared_prefix(examples: list[Example]) -> int:
+    """How many leading tokens every example has in common before its first image slot (the system
+    turn and the user turn's header, with the image at the start of the user turn); 0 without images."""
+    if not examples or not all(any(e.image_mask) for e in examples):
+        return 0
+    first = min(e.image_mask.index(True) for e in examples)
+    head = examples[0].input_ids[:first]
+    n = 0
+    while n < first and all(e.input_ids[n] == head[n] for e in examples):
+        n += 1
+    return n
 
 
 def pad_examples(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from qvlm import sources
 from qvlm.config import LLMConfig, LoraConfig
@@ -161,10 +162,24 @@ class LanguageModel(nn.Module):
                          use_cache=use_cache, **kwargs)
         return LMOutput(logits=out.logits, loss=out.loss, past_key_values=getattr(out, "past_key_values", None))
 
-    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm)."""
+    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, prefix: int = 0) -> Tensor:
+        """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm).
+
+        ``prefix`` > 0: the first ``prefix`` positions are the same in every row and no adapter acts
+        on them (the caller's promise): they run once, for row 0, without autograd, and the rest of
+        each row attends to their keys and values. Returns the hidden states of positions
+        ``prefix``.. only: (B, T - prefix, Dlm). The adapter mask (``lora_positions``) must then
+        cover those positions only."""
         decoder = self.base_model().get_decoder()
-        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if prefix <= 0:
+            out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        cache = DynamicCache(config=self.base_model().config)
+        with torch.no_grad(), self.lora_positions(None):
+            decoder(inputs_embeds=inputs_embeds[:1, :prefix], cache=cache, use_cache=True)
+        cache.reorder_cache(torch.zeros(len(inputs_embeds), dtype=torch.long, device=inputs_embeds.device))
+        return decoder(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask, cache=cache,
+                       use_cache=True).last_hidden_state
 
     def decoder_layers(self) -> nn.ModuleList:
         """The decoder's transformer layers (what ``train.compile`` compiles one by one)."""

@@ -46,14 +46,29 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
-    with llm_kernel(model, embeds), model.llm.lora_positions(batch["image_mask"]):  # math attention on short CPU sequences
-        hidden = model.llm.hidden_states(embeds, batch["attention_mask"])  # (B, T, Dlm)
-    terms = {"lm": lm_loss(model, hidden, batch["labels"])}
+    k = shareable_prefix(model, batch, cfg)  # positions run once, without autograd
+    # llm_kernel: math attention on short CPU sequences
+    with llm_kernel(model, embeds), model.llm.lora_positions(batch["image_mask"][:, k:]):
+        hidden = model.llm.hidden_states(embeds, batch["attention_mask"], prefix=k)  # (B, T - k, Dlm)
+    terms = {"lm": lm_loss(model, hidden, batch["labels"][:, k:])}  # no label before the image
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
     if "replay" in batch:  # text-only samples answered by the base model (qvlm.train.replay)
         terms["replay"] = replay_loss(model, batch["replay"], cfg.train.replay_loss)
         weights["replay"] = cfg.train.losses.get("replay", 0.0)
     return L.combine(terms, weights)
+
+
+def shareable_prefix(model: VLM, batch: dict, cfg: Config) -> int:
+    """How many leading positions of the batch the LLM may run once for all rows, without autograd
+    (``train.share_prompt_prefix``): the prompt tokens every row shares before its image slots (the
+    collator's ``shared_prefix``), when nothing trainable acts there: the adapters act from the image
+    on only, and the LLM's input embeddings are frozen. 0 under LLM gradient checkpointing (its
+    recomputation runs without the key/value cache) and with compiled layers."""
+    if not (cfg.train.share_prompt_prefix and model.llm.lora_limited) or cfg.train.compile or model.llm.checkpointing:
+        return 0
+    if model.llm.model.get_input_embeddings().weight.requires_grad:
+        return 0
+    return int(batch.get("shared_prefix", 0))
 
 
 def replay_loss(model: VLM, replay: dict, kind: str) -> Tensor:
