@@ -96,9 +96,10 @@ def main() -> None:
             trainer.step(batch)
             sync()
     averages = prof.key_averages()
-    extras = [name for name, on in (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
-                                     (f"SDPA {args.sdpa}", args.sdpa != "default"),
-                                     (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1)) if on]
+    flags = (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
+             (f"SDPA {args.sdpa}", args.sdpa != "default"),
+             (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1))
+    extras = [name for name, on in flags if on]
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
     if device.type == "cuda":

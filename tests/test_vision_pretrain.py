@@ -9,9 +9,9 @@ import torch
 
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
-from qvlm.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy, build_tower,
-                                  grey_split, lr_at_progress, normalise, position_prior, predict, readout_loss, render_pool,
-                                  run_pretrain_vision, scene_targets)
+from qvlm.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy,
+                                  build_tower, grey_split, lr_at_progress, normalise, position_prior, predict,
+                                  readout_loss, render_pool, run_pretrain_vision, scene_targets)
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
             batch_size=8, n_train=32, n_eval=16, progress=False, seed=3)

@@ -19,9 +19,9 @@ With ``grey_view`` (for ``model.vision.grey_view``, which feeds the tower each i
 half of the training images are shown grey and supervise presence, shape and size; the other half
 stay in colour and supervise presence, colour and size, never shape, through the per-token head
 (the bound readout's scene head on the mean token still learns every attribute of a colour image,
-which keeps an object's attributes bound together: count 0.855 -> 0.94 in the demo). In the training split colour
-predicts shape (green is never a circle there), and a tower that learns shape from colour images
-uses that: it named the shapes of never-trained pairs 19% right. Learned from grey images only,
+which keeps an object's attributes bound together: count 0.855 -> 0.94 in the demo). In the
+training split colour predicts shape (green is never a circle there), and a tower that learns
+shape from colour images uses that: it named the shapes of never-trained pairs 19% right. Learned from grey images only,
 shape is read 96% right on them (benchmarks/RESULTS.md). Evaluation then takes colour, presence and
 size from the colour view and shape from the grey view.
 

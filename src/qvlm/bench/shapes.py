@@ -61,7 +61,7 @@ class Shapes:
                **train) -> Config:
         """A resolved config at these shapes (stage, precision, batch, extra ``train.*`` fields and
         ``key=value`` ``overrides``)."""
-        overrides = [
+        args = [
             f"model.vision.source={self.vision}", f"model.qformer.source={self.qformer}",
             f"model.qformer.tokenizer={BERT_TOKENIZER}", f"model.qformer.num_queries={self.queries}",
             f"model.qformer.max_text_len={self.max_text_len}", f"model.qformer.embed_dim={self.embed_dim}",
@@ -69,7 +69,7 @@ class Shapes:
             f"data.source=synth:n=64,image_size={self.image_size}", f"data.image_size={self.image_size}",
             f"train.stage={stage}", f"train.precision={precision}", f"train.batch_size={batch_size}",
         ] + [f"train.{k}={v}" for k, v in train.items()] + list(overrides)
-        return load_config(None, overrides)
+        return load_config(None, args)
 
 
 SHAPES = {
