@@ -53,6 +53,7 @@ def test_unknown_keys_name_the_key(override, key):
         ("train.replay_batch_size=0", "train.replay_batch_size"),
         ("model.llm.lora.positions=text", "model.llm.lora.positions"),
         ("model.qformer.cross_attention_qk_gain=-1", "model.qformer.cross_attention_qk_gain"),
+        ("train.share_prompt_prefix=sometimes", "train.share_prompt_prefix"),
     ],
 )
 def test_bad_types_and_values_name_the_key(override, key):

@@ -213,7 +213,7 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(positions):
     positions (it acts on the prefix) the full forward runs."""
     from qvlm.data.collate_stage2 import Stage2Collator
     from qvlm.data.synth import SynthScenes
-    from qvlm.train.steps import stage2_losses
+    from qvlm.train.steps import shareable_prefix, stage2_losses
 
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
     model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
@@ -243,9 +243,60 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(positions):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
 
     full_loss, full_grads, full_calls = loss_and_grads(False)
-    loss, grads, n_calls = loss_and_grads(True)
+    loss, grads, n_calls = loss_and_grads("auto")  # the default: shared on a CPU
     assert full_calls == 1 and n_calls == (2 if positions == "from_image" else 1)  # the prefix pass, then the rest
+    elsewhere = {"input_ids": torch.zeros(1, 1, device="meta"), "shared_prefix": k}  # not a CPU: "auto" is off
+    cfg.train.share_prompt_prefix = "auto"
+    assert shareable_prefix(model, elsewhere, cfg) == 0
+    cfg.train.share_prompt_prefix = True
+    assert shareable_prefix(model, elsewhere, cfg) == (k if positions == "from_image" else 0)
     assert torch.allclose(loss, full_loss, atol=1e-5)
     assert grads.keys() == full_grads.keys() and any("lora_" in n for n in grads)
     for n in grads:
         assert torch.allclose(grads[n], full_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("positions", ["all", "from_image"])
+def test_right_padded_rows_train_without_the_padding_mask(positions):
+    """The collator right-pads, so the LLM runs plain causal attention (no padding mask): the loss
+    and every gradient are those of the masked forward (with the shared prefix too, for from_image);
+    a left-padded batch would differ, and a batch not marked right-padded keeps its mask."""
+    from qvlm.data.collate_stage2 import Stage2Collator
+    from qvlm.data.synth import SynthScenes
+    from qvlm.train.steps import padding_mask, stage2_losses
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
+    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
+    torch.manual_seed(0)
+    for p in list(model.projector.parameters()) + [p for _, p in model.llm.lora_parameters()]:
+        p.data.normal_(0, 0.5)  # LoRA B starts at zero: make the adapters act
+    scenes = SynthScenes(6, image_size=32)
+    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
+                             cfg.model.llm, max_len=64, caption_prob=0.5)
+    batch = collate([scenes[i] for i in range(6)])
+    assert batch["padding_side"] == "right" and padding_mask(batch) is None
+    assert not bool(batch["attention_mask"].all())  # some rows are padded
+    with torch.no_grad():
+        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
+
+    def loss_and_grads(b: dict):
+        model.zero_grad(set_to_none=True)
+        loss = stage2_losses(model, b, cfg)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    masked = {k: v for k, v in batch.items() if k != "padding_side"}
+    assert padding_mask(masked) is batch["attention_mask"]
+    loss, grads = loss_and_grads(batch)
+    masked_loss, masked_grads = loss_and_grads(masked)
+    assert torch.allclose(loss, masked_loss, atol=1e-6)
+    assert grads.keys() == masked_grads.keys() and any("lora_" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], masked_grads[n], atol=1e-6, rtol=1e-5), n
+    # the same rows padded on the left: without the mask the real tokens would see the pads
+    shift = (1 - batch["attention_mask"]).sum(1)
+    left = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels", "image_mask"):
+        left[key] = torch.stack([row.roll(int(s)) for row, s in zip(batch[key], shift)])
+    left_loss, _ = loss_and_grads({**left, "shared_prefix": 0})
+    assert not torch.allclose(left_loss, loss, atol=1e-4)

@@ -171,8 +171,9 @@ class TrainConfig:
     # Stage 2 with LoRA on the image positions and after (model.llm.lora.positions image/from_image):
     # the prompt tokens every row of a batch shares before its image (system turn, user header) go
     # through the frozen LLM once, without autograd, and the rows attend to their keys/values
-    # (not with LLM gradient checkpointing or train.compile)
-    share_prompt_prefix: bool = True
+    # (not with LLM gradient checkpointing or train.compile). "auto": on CPU only (it was slower on
+    # a GPU: benchmarks/RESULTS.md); true: on every device; false: never.
+    share_prompt_prefix: bool | str = "auto"
     dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
     tensorboard: bool = False  # also write OUT/tensorboard/ event files (needs the tensorboard package)
 
@@ -343,6 +344,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
         (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
         (cfg.model.llm.lora.positions in LORA_POSITIONS, "model.llm.lora.positions", ", ".join(LORA_POSITIONS)),
+        (cfg.train.share_prompt_prefix in (True, False, "auto"), "train.share_prompt_prefix", "true, false or auto"),
         (cfg.model.llm.lora.positions == "all" or cfg.train.losses.get("replay", 0) == 0, "train.losses",
          f"without replay when model.llm.lora.positions={cfg.model.llm.lora.positions} (text-only replay never "
          "reaches adapters limited to the image and what follows it)"),

@@ -136,15 +136,16 @@ def stage1_groups(model, batch: int, text_len: int, image_tokens: int, losses: d
     return groups
 
 
-def stage2_groups(model, batch: int, seq_len: int, supervised: int, image_tokens: int) -> list[MatmulGroup]:
+def stage2_groups(model, batch: int, tokens: int, supervised: int, image_tokens: int) -> list[MatmulGroup]:
     """Stage 2: the Q-Former's query path and the projector (trained unless frozen), the LLM over
-    ``batch`` x ``seq_len`` positions (frozen base, trained LoRA, gradients flow through to the image
-    tokens), the LM head only at the ``supervised`` positions (as ``stage2_losses`` does)."""
+    the batch's ``tokens`` real (not padding) positions (frozen base, trained LoRA, gradients flow
+    through to the image tokens), the LM head only at the ``supervised`` positions (as
+    ``stage2_losses`` does). Padding positions are computed but are not model FLOPs."""
     qf, llm = model.qformer, model.llm
     qf_trained = any(p.requires_grad for p in qf.parameters())
     base = llm.base_model()
     head = base.get_output_embeddings()
-    rows = batch * seq_len
+    rows = tokens
     groups = qformer_groups(QFormerParams.of(qf), "Q-Former", batch, qf.num_queries, 0, 0, image_tokens, batch,
                             trained=qf_trained)
     groups += [

@@ -47,9 +47,11 @@ def seq_label(trainer: Trainer, batch: dict) -> str:
 
 
 def flops_of(trainer: Trainer, batch: dict) -> int:
-    b, t = batch["input_ids"].shape
+    """Model FLOPs of one step on ``batch``: the LLM counted over its real tokens, not the padding."""
+    tokens = int(batch["attention_mask"].sum())
     supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
-    return FL.step_flops(FL.stage2_groups(trainer.model, b, t, supervised, batch["image_embeds"].shape[1]))
+    return FL.step_flops(FL.stage2_groups(trainer.model, len(batch["input_ids"]), tokens, supervised,
+                                          batch["image_embeds"].shape[1]))
 
 
 def step_rows(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None,

@@ -28,7 +28,8 @@ from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
-    "keys", "captions", "targets", "prompts", "attributes", "skipped", "shards_done", "notes"}."""
+    "shared_prefix", "padding_side", "keys", "captions", "targets", "prompts", "attributes", "skipped",
+    "shards_done", "notes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,
@@ -54,6 +55,7 @@ class Stage2Collator:
                  "skipped": skipped, "shards_done": shards, "notes": notes}
         batch.update(pad_examples(examples, self.pad_id, self.pad_to_multiple_of))
         batch["shared_prefix"] = shared_prefix(examples)
+        batch["padding_side"] = "right"  # pad_examples: every row's padding after its last token
         if records:
             check_batch(batch["labels"])
         if self.features is not None:

@@ -49,7 +49,7 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     k = shareable_prefix(model, batch, cfg)  # positions run once, without autograd
     # llm_kernel: math attention on short CPU sequences
     with llm_kernel(model, embeds), model.llm.lora_positions(batch["image_mask"][:, k:]):
-        hidden = model.llm.hidden_states(embeds, batch["attention_mask"], prefix=k)  # (B, T - k, Dlm)
+        hidden = model.llm.hidden_states(embeds, padding_mask(batch), prefix=k)  # (B, T - k, Dlm)
     terms = {"lm": lm_loss(model, hidden, batch["labels"][:, k:])}  # no label before the image
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
     if "replay" in batch:  # text-only samples answered by the base model (qvlm.train.replay)
@@ -58,13 +58,25 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     return L.combine(terms, weights)
 
 
+def padding_mask(batch: dict) -> Tensor | None:
+    """The LLM's attention mask for a training batch: None when the collator right-padded its rows
+    (``padding_side``), since under causal attention no real token sees the pads after it, and with
+    no mask the attention runs as plain causal attention (SDPA's causal kernels instead of a masked
+    one; the pads' own outputs carry no label). The batch's ``attention_mask`` otherwise."""
+    return None if batch.get("padding_side") == "right" else batch["attention_mask"]
+
+
 def shareable_prefix(model: VLM, batch: dict, cfg: Config) -> int:
     """How many leading positions of the batch the LLM may run once for all rows, without autograd
-    (``train.share_prompt_prefix``): the prompt tokens every row shares before its image slots (the
-    collator's ``shared_prefix``), when nothing trainable acts there: the adapters act from the image
-    on only, and the LLM's input embeddings are frozen. 0 under LLM gradient checkpointing (its
-    recomputation runs without the key/value cache) and with compiled layers."""
-    if not (cfg.train.share_prompt_prefix and model.llm.lora_limited) or cfg.train.compile or model.llm.checkpointing:
+    (``train.share_prompt_prefix``; "auto": on CPU only): the prompt tokens every row shares before
+    its image slots (the collator's ``shared_prefix``), when nothing trainable acts there: the adapters
+    act from the image on only, and the LLM's input embeddings are frozen. 0 under LLM gradient
+    checkpointing (its recomputation runs without the key/value cache) and with compiled layers (the
+    cache's guards recompile every layer: 2.1x slower on an H100)."""
+    share = cfg.train.share_prompt_prefix
+    if share == "auto":  # on a GPU the extra pass's launches cost more than it saves (benchmarks/RESULTS.md)
+        share = batch["input_ids"].device.type == "cpu"
+    if not (share and model.llm.lora_limited) or cfg.train.compile or model.llm.checkpointing:
         return 0
     if model.llm.model.get_input_embeddings().weight.requires_grad:
         return 0
