@@ -328,6 +328,10 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
         report["ratios"]["compile_stage2"] = step["ms"] / out["compile"]["row"]["ms"]
         if out["compile"]["row"].get("device_busy") is not None:
             report["findings"]["stage2_compile_device_busy"] = out["compile"]["row"]["device_busy"]
+        largest = out["compile"].get("largest")
+        if largest:  # GPUs: compiled layers fit a larger batch, where the host's share of the step shrinks
+            report["findings"]["stage2_compile_largest_batch"] = largest["batch"]
+            report["findings"]["stage2_compile_largest_mfu"] = largest.get("mfu")
 
 
 def section_generation(bench, p: Plan, report: dict) -> None:

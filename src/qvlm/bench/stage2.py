@@ -153,9 +153,12 @@ def find_batch(trainer: Trainer, files: SceneFiles, start: int, largest: int) ->
     return best
 
 
-def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
+def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None,
+             files: SceneFiles | None = None, batch_search: int = 0) -> dict:
     """The same step with every Q-Former and LLM layer compiled in place (``train.compile``,
-    ``qvlm.train.speed.compile_layers``); the first calls, which compile, are timed apart."""
+    ``qvlm.train.speed.compile_layers``); the first calls, which compile, are timed apart. With
+    ``batch_search``: also the compiled step at the largest power-of-two batch above this one that
+    fits (compiled layers keep fewer activations than eager ones), recompiled for that shape alone."""
     from qvlm.train.speed import compile_layers
 
     start = time.perf_counter()
@@ -164,9 +167,31 @@ def compiled(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: floa
         trainer.step(batch)
     synchronizer(bench.device)()
     compile_s = time.perf_counter() - start
-    out = step_rows(bench, trainer, batch, label, peak, name="torch.compile of each Q-Former and LLM layer",
-                    note=f"first two steps (compiling) took {compile_s:.0f} s")
-    return {"row": out, "compile_s": compile_s}
+    out = {"row": step_rows(bench, trainer, batch, label, peak, name="torch.compile of each Q-Former and LLM layer",
+                            note=f"first two steps (compiling) took {compile_s:.0f} s"),
+           "compile_s": compile_s}
+    if files is not None and 2 * len(batch["input_ids"]) <= batch_search:
+        try:
+            out["largest"] = compiled_largest(bench, trainer, files, len(batch["input_ids"]), label, peak, batch_search)
+        except Exception as exc:  # noqa: BLE001 - the same-batch row above stands
+            bench.notes.append(f"stage-2 compiled batch search failed: {type(exc).__name__}: {str(exc)[:200]}")
+    return out
+
+
+def compiled_largest(bench: Bench, trainer: Trainer, files: SceneFiles, batch_size: int, label: str,
+                     peak: float | None, batch_search: int) -> dict | None:
+    """The compiled step's row at the largest power-of-two batch above ``batch_size`` that fits, up to
+    ``batch_search`` (None when none does), compiled afresh for that shape."""
+    size = 2 * batch_size
+    if not fits(trainer, files, size):
+        return None
+    size = find_batch(trainer, files, size, batch_search)
+    torch._dynamo.reset()  # the search compiled for several sizes (dynamic shapes); time this one alone
+    big = stage2_batch(trainer, files, size)
+    for _ in range(2):
+        trainer.step(big)
+    return step_rows(bench, trainer, big, label, peak, name="torch.compile of each layer, largest batch that fits",
+                     note=f"largest power-of-two batch that fits compiled (tried up to {batch_search})")
 
 
 def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | None,
@@ -190,7 +215,8 @@ def bench_stage2(bench: Bench, shapes: Shapes, batch_size: int, peak: float | No
                 bench.notes.append(f"stage-2 gradient checkpointing at batch {batch_size}: out of memory ({exc})"[:300])
     if with_compile:  # last: it changes the model in place
         try:
-            out["compile"] = compiled(bench, trainer, batch, shapes.label, peak)
+            out["compile"] = compiled(bench, trainer, batch, shapes.label, peak,
+                                      files if batch_search else None, batch_search)
         except Exception as exc:  # noqa: BLE001 - compilation fails in many ways; the eager rows stand
             bench.notes.append(f"stage-2 torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}")
     trainer.opt.zero_grad(set_to_none=True)
