@@ -300,3 +300,73 @@ def test_right_padded_rows_train_without_the_padding_mask(positions):
         left[key] = torch.stack([row.roll(int(s)) for row, s in zip(batch[key], shift)])
     left_loss, _ = loss_and_grads({**left, "shared_prefix": 0})
     assert not torch.allclose(left_loss, loss, atol=1e-4)
+
+
+def _host_reads_in_qvlm(fn) -> list[str]:
+    """Run ``fn`` and list the operations qvlm's own code made that read a value back from the device
+    (``.item()``, ``bool()``, ``int()``: ``_local_scalar_dense``) or index by a boolean mask (its
+    count): on a GPU each makes the host wait for every queued kernel."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    def by_mask(args) -> bool:
+        return any(isinstance(a, (list, tuple)) and any(torch.is_tensor(t) and t.dtype == torch.bool for t in a)
+                   for a in args)
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if "_local_scalar_dense" in name or ("index" in name and by_mask(args)):
+                caller = [f for f in traceback.extract_stack() if "/torch/" not in f.filename][-2]
+                if "/qvlm/" in caller.filename:
+                    found.append(f"{name} at {caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        fn()
+    return found
+
+
+@pytest.mark.parametrize("positions", ["all", "from_image"])
+def test_stage2_step_reads_nothing_back_from_the_device(positions):
+    """With the collator's image and label positions (found on the CPU), the stage-2 loss and its
+    backward make no host-device sync in qvlm's code, and give the loss and gradients of the
+    boolean-mask path, which does sync (so the check can fail)."""
+    from qvlm.data.collate_stage2 import Stage2Collator
+    from qvlm.data.synth import SynthScenes
+    from qvlm.train.steps import stage2_losses
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
+    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
+    torch.manual_seed(0)
+    for p in list(model.projector.parameters()) + [p for _, p in model.llm.lora_parameters()]:
+        p.data.normal_(0, 0.5)
+    scenes = SynthScenes(5, image_size=32)
+    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
+                             cfg.model.llm, max_len=64, caption_prob=0.5)
+    batch = collate([scenes[i] for i in range(5)])
+    assert batch["label_positions"].shape[1] == int((batch["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
+    results = {}
+
+    def run(b: dict, key: str):
+        model.zero_grad(set_to_none=True)
+        loss = stage2_losses(model, b, cfg)["loss"]
+        loss.backward()
+        results[key] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    assert _host_reads_in_qvlm(lambda: run(batch, "index")) == []
+    by_mask = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
+    assert len(_host_reads_in_qvlm(lambda: run(by_mask, "mask"))) >= 3  # the check, the count, the gather
+    (loss, grads), (mask_loss, mask_grads) = results["index"], results["mask"]
+    assert torch.allclose(loss, mask_loss, atol=1e-6)
+    assert grads.keys() == mask_grads.keys() and any("lora_" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], mask_grads[n], atol=1e-6, rtol=1e-5), n
+    embeds, tokens = model.llm.embed(batch["input_ids"]), torch.zeros(5, cfg.model.qformer.num_queries, 32)
+    with pytest.raises(ValueError, match="image_positions"):  # positions of another batch
+        VLM.merge(embeds, tokens, batch["image_mask"], batch["image_positions"][:, :-1])

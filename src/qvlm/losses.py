@@ -242,14 +242,22 @@ def itg_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], input
     return ItgOutput(loss=out.loss, tokens=out.tokens)
 
 
-def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor) -> LmOutput:
+def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels: Tensor,
+                        positions: Tensor | None = None) -> LmOutput:
     """``lm_loss(head(hidden), labels)`` with ``head`` (the vocabulary projection) run only on the
     S positions that have a label: hidden (B, T, D) -> (S, V) logits instead of (B, T, V). With a
     large vocabulary the logits of the prompt, the padding and the last position are most of the
-    head's cost and memory."""
-    supervised, tokens = supervised_positions(labels)
-    logits = head(hidden[:, :-1][supervised])  # (S, V)
-    return LmOutput(loss=F.cross_entropy(logits.float(), labels[:, 1:][supervised]), tokens=tokens)
+    head's cost and memory. ``positions`` (2, S): those positions' rows and columns (position t
+    predicts token t + 1), when known beforehand: then nothing here waits for the device."""
+    if positions is None:
+        supervised, tokens = supervised_positions(labels)
+        selected, targets = hidden[:, :-1][supervised], labels[:, 1:][supervised]  # (S, D), (S,)
+    else:
+        rows, cols = positions
+        selected, targets = hidden[rows, cols], labels[rows, cols + 1]  # (S, D), (S,)
+        tokens = torch.full((), rows.numel(), dtype=torch.long, device=labels.device)
+    logits = head(selected)  # (S, V)
+    return LmOutput(loss=F.cross_entropy(logits.float(), targets), tokens=tokens)
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
-    "shared_prefix", "padding_side", "keys", "captions", "targets", "prompts", "attributes", "skipped",
+    "shared_prefix", "padding_side", "image_positions", "label_positions", "keys", "captions", "targets", "prompts", "attributes", "skipped",
     "shards_done", "notes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
@@ -56,6 +56,7 @@ class Stage2Collator:
         batch.update(pad_examples(examples, self.pad_id, self.pad_to_multiple_of))
         batch["shared_prefix"] = shared_prefix(examples)
         batch["padding_side"] = "right"  # pad_examples: every row's padding after its last token
+        batch.update(positions(batch["image_mask"], batch["labels"]))
         if records:
             check_batch(batch["labels"])
         if self.features is not None:
@@ -95,6 +96,14 @@ def shared_prefix(examples: list[Example]) -> int:
     while n < first and all(e.input_ids[n] == head[n] for e in examples):
         n += 1
     return n
+
+
+def positions(image_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the image slots are and which positions predict a labelled token, as (2, N) row and
+    column indices in row-major order, found here on the CPU: a training step on a GPU then gathers
+    and scatters by index instead of by boolean mask, which would wait for the device to count."""
+    return {"image_positions": image_mask.nonzero().T.contiguous(),  # (2, B*Q)
+            "label_positions": (labels[:, 1:] != IGNORE).nonzero().T.contiguous()}  # (2, S): t predicts t + 1
 
 
 def pad_examples(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:

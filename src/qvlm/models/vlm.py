@@ -98,8 +98,9 @@ class VLM(nn.Module):
         return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
 
     def input_embeds(self, input_ids: Tensor, image_mask: Tensor, pixel_values: Tensor | None = None,
-                     image_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(LLM input embeddings (B, T, Dlm) with the image tokens in place, image tokens (B, Q, Dlm))."""
+                     image_embeds: Tensor | None = None, image_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(LLM input embeddings (B, T, Dlm) with the image tokens in place, image tokens (B, Q, Dlm));
+        ``image_positions``: see ``merge``."""
         if self.llm is None:
             raise RuntimeError("this VLM was built without an LLM (stage 1); build it with with_llm=True")
         if image_embeds is None:
@@ -107,12 +108,22 @@ class VLM(nn.Module):
                 raise ValueError("give pixel_values or image_embeds")
             image_embeds = self.image_features(pixel_values)
         tokens = self.image_tokens(image_embeds)  # (B, Q, Dlm)
-        return self.merge(self.llm.embed(input_ids), tokens, image_mask), tokens
+        return self.merge(self.llm.embed(input_ids), tokens, image_mask, image_positions), tokens
 
     @staticmethod
-    def merge(text_embeds: Tensor, image_tokens: Tensor, image_mask: Tensor) -> Tensor:
-        """Scatter (B, Q, D) image tokens into the (B, T, D) text embeddings at ``image_mask``."""
+    def merge(text_embeds: Tensor, image_tokens: Tensor, image_mask: Tensor,
+              positions: Tensor | None = None) -> Tensor:
+        """Scatter (B, Q, D) image tokens into the (B, T, D) text embeddings at ``image_mask``.
+        ``positions``: ``image_mask.nonzero().T`` (2, B*Q), found and checked beforehand (the stage-2
+        collator does, on the CPU): then the scatter is by index and nothing waits for the device."""
         b, q, _ = image_tokens.shape
+        if positions is not None:
+            if positions.shape != (2, b * q):
+                raise ValueError(f"image_positions must be (2, {b * q}) for {b} rows of {q} image tokens, got "
+                                 f"{tuple(positions.shape)}")
+            out = text_embeds.clone()
+            out[positions[0], positions[1]] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major order
+            return out
         counts = image_mask.sum(dim=1)
         if not torch.all(counts == q):
             raise ValueError(f"image_mask must mark exactly {q} positions per row, got {counts.tolist()}")

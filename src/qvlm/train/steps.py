@@ -42,15 +42,22 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     """Next-token loss on the assistant tokens only, with the image tokens in the user turn.
 
     The LM head runs only at supervised positions (a few tokens per example) instead of over the
-    whole prompt: with a 49k vocabulary that is most of the logits' cost and memory."""
-    if not bool((batch["labels"] != L.IGNORE_INDEX).any()):
+    whole prompt: with a 49k vocabulary that is most of the logits' cost and memory. With the
+    collator's ``image_positions`` and ``label_positions`` (found on the CPU) the image tokens are
+    scattered and the supervised positions gathered by index, so the step never waits for the device
+    to count them."""
+    labelled = batch.get("label_positions")  # (2, S) rows and columns, or None
+    if (labelled.shape[1] == 0) if labelled is not None else not bool((batch["labels"] != L.IGNORE_INDEX).any()):
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
-    embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch))
+    embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch),
+                                   image_positions=batch.get("image_positions"))
     k = shareable_prefix(model, batch, cfg)  # positions run once, without autograd
     # llm_kernel: math attention on short CPU sequences
     with llm_kernel(model, embeds), model.llm.lora_positions(batch["image_mask"][:, k:]):
         hidden = model.llm.hidden_states(embeds, padding_mask(batch), prefix=k)  # (B, T - k, Dlm)
-    terms = {"lm": lm_loss(model, hidden, batch["labels"][:, k:])}  # no label before the image
+    if labelled is not None and k:
+        labelled = torch.stack([labelled[0], labelled[1] - k])  # columns of the positions after the prefix
+    terms = {"lm": lm_loss(model, hidden, batch["labels"][:, k:], labelled)}  # no label before the image
     weights = {"lm": cfg.train.losses.get("lm", 1.0)}
     if "replay" in batch:  # text-only samples answered by the base model (qvlm.train.replay)
         terms["replay"] = replay_loss(model, batch["replay"], cfg.train.replay_loss)
@@ -104,9 +111,10 @@ def llm_kernel(model: VLM, embeds: Tensor):
     return training_kernel(embeds.device, embeds.shape[1], needs_grad)
 
 
-def lm_loss(model: VLM, hidden: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean next-token loss at the labelled positions (over all ranks' tokens when distributed)."""
-    return token_mean(L.lm_loss_from_hidden(hidden, model.llm.logits, labels))  # the LM head only at labels
+def lm_loss(model: VLM, hidden: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+    """Token-mean next-token loss at the labelled positions (over all ranks' tokens when distributed);
+    ``positions``: their (2, S) rows and columns when known (``lm_loss_from_hidden``)."""
+    return token_mean(L.lm_loss_from_hidden(hidden, model.llm.logits, labels, positions))  # LM head at labels only
 
 
 def token_mean(out: L.LmOutput) -> Tensor:
