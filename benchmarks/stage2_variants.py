@@ -170,7 +170,8 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
                 r = {**asdict(v), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             results.append(r)
-            mfu = "" if r.get("mfu_real") is None else f" MFU {100 * r['mfu_real']:.1f}% ({100 * r['mfu_padded']:.1f}% padded)"
+            mfu = ("" if r.get("mfu_real") is None
+                   else f" MFU {100 * r['mfu_real']:.1f}% ({100 * r['mfu_padded']:.1f}% padded)")
             print(f"{v.name:<52} " + (r["error"] if "error" in r else
                   f"B={r['batch']} T={r['T']} {r['ms']} ms {r['samples_per_s']} samples/s{mfu} "
                   f"kernels {r['kernel_ms']} ms peak {r['peak_gb'] and round(r['peak_gb'], 1)} GB "

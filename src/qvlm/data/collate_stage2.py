@@ -28,8 +28,8 @@ from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
-    "shared_prefix", "padding_side", "image_positions", "label_positions", "keys", "captions", "targets", "prompts", "attributes", "skipped",
-    "shards_done", "notes"}."""
+    "shared_prefix", "padding_side", "image_positions", "label_positions", "keys", "captions", "targets",
+    "prompts", "attributes", "skipped", "shards_done", "notes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,

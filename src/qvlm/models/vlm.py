@@ -98,7 +98,8 @@ class VLM(nn.Module):
         return VLMOutput(logits=out.logits, loss=out.loss, image_tokens=tokens)
 
     def input_embeds(self, input_ids: Tensor, image_mask: Tensor, pixel_values: Tensor | None = None,
-                     image_embeds: Tensor | None = None, image_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     image_embeds: Tensor | None = None,
+                     image_positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(LLM input embeddings (B, T, Dlm) with the image tokens in place, image tokens (B, Q, Dlm));
         ``image_positions``: see ``merge``."""
         if self.llm is None:

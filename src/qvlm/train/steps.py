@@ -47,7 +47,11 @@ def stage2_losses(model: VLM, batch: dict, cfg: Config) -> dict[str, Tensor]:
     scattered and the supervised positions gathered by index, so the step never waits for the device
     to count them."""
     labelled = batch.get("label_positions")  # (2, S) rows and columns, or None
-    if (labelled.shape[1] == 0) if labelled is not None else not bool((batch["labels"] != L.IGNORE_INDEX).any()):
+    if labelled is not None:
+        empty = labelled.shape[1] == 0  # counted on the host
+    else:
+        empty = not bool((batch["labels"] != L.IGNORE_INDEX).any())
+    if empty:
         raise ValueError("batch has no supervised tokens: check the chat template and data.max_caption_tokens")
     embeds, _ = model.input_embeds(batch["input_ids"], batch["image_mask"], image_embeds=image_embeds_of(model, batch),
                                    image_positions=batch.get("image_positions"))
