@@ -1,5 +1,5 @@
 """Where one train step's device time goes: ``python benchmarks/profile_step.py [--stage 2] [--batch 256]
-[--compile] [--shapes real]`` prints the kernels (GPU) or operators (CPU) that take the most time in
+[--compile] [--shapes real] [--set KEY=VALUE ...]`` prints the kernels (GPU) or operators (CPU) that take the most time in
 one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and the operators that launched
 them. For finding what to optimise; the speed claims themselves come from ``qvlm bench``.
 """
@@ -72,12 +72,15 @@ def main() -> None:
                     help="experiment: restrict scaled_dot_product_attention to one backend")
     ap.add_argument("--pad-multiple", type=int, default=1,
                     help="stage 2: pad the rows to a multiple of this (data.pad_to_multiple_of)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for the model and step, e.g. model.llm.lora.dropout=0 (repeatable)")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work, attention_backend(args.sdpa):
         bench = Bench(device, "bf16", 1, 1, Path(work))
-        trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch)
+        trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch,
+                                overrides=tuple(args.set))
         files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
         batch = (stage2_batch(trainer, files, args.batch, args.pad_multiple) if args.stage == 2
                  else fixed_stage1_batch(trainer, files, args.batch))
@@ -98,7 +101,8 @@ def main() -> None:
     averages = prof.key_averages()
     flags = (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
              (f"SDPA {args.sdpa}", args.sdpa != "default"),
-             (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1))
+             (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1),
+             (", ".join(args.set), bool(args.set)))
     extras = [name for name, on in flags if on]
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")

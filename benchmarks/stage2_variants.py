@@ -3,7 +3,8 @@
 
 Each variant changes one or two things against the step ``qvlm bench`` times (random weights, bf16
 autocast, cached features): the padding mask kept (as before rows were marked right-padded) or
-left out, LoRA dropout off, rows padded to a multiple of 16, one SDPA backend, and, with LoRA from
+left out, the image tokens and supervised positions scattered and gathered by boolean mask (as
+before the collator found them on the CPU) or by index, LoRA dropout off, rows padded to a multiple of 16, one SDPA backend, and, with LoRA from
 the image on, the shared prompt prefix. Eager variants run first, then each compiled variant
 compiles every Q-Former and LLM layer afresh (``torch._dynamo.reset()``). Prints per variant: ms per
 step (median), samples/s, MFU over the real tokens and over the padded positions (the basis of
@@ -50,6 +51,7 @@ class Variant:
     positions: str = "all"  # model.llm.lora.positions
     share: bool = False  # train.share_prompt_prefix (from_image only)
     bf16_residual: bool = False  # profile_step.bf16_residual: changes the model for good (run it last)
+    by_mask: bool = False  # no image/label positions from the collator: boolean-mask scatter and gather (syncs)
 
 
 VARIANTS = [  # in the order they run; the compiled ones by priority (a time budget may cut the tail)
@@ -59,6 +61,7 @@ VARIANTS = [  # in the order they run; the compiled ones by priority (a time bud
     Variant("compiled, padding mask", True, mask=True),
     Variant("compiled, causal", True),
     Variant("compiled, causal, LoRA dropout 0", True, dropout0=True),
+    Variant("compiled, causal, LoRA dropout 0, boolean-mask gathers", True, dropout0=True, by_mask=True),
     Variant("compiled, causal, LoRA dropout 0, pad 16", True, dropout0=True, pad=16),
     Variant("compiled, causal, LoRA dropout 0, SDPA cudnn", True, dropout0=True, sdpa="cudnn"),
     Variant("compiled, from_image, whole rows, dropout 0", True, dropout0=True, positions="from_image"),
@@ -101,6 +104,9 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
         bf16_residual(model)
     if v.mask:
         batch.pop("padding_side")
+    if v.by_mask:  # the step before the collator found the positions: it syncs with the device 5 times
+        batch.pop("image_positions")
+        batch.pop("label_positions")
     b, t = batch["input_ids"].shape
     supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
     real = int(batch["attention_mask"].sum())

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The stage-2 MFU experiments on one GPU in one call: `bash benchmarks/gpu_stage2.sh` from the
+# repository root (about 8 minutes; QVLM_GPU_BUDGET_S sets the seconds, default 480).
+#
+# 1. benchmarks/stage2_variants.py at batch 512: every variant in priority order (the padding mask,
+#    boolean-mask gathers vs the collator's positions, LoRA dropout, padding, SDPA backends, the
+#    shared prefix, a bf16 residual stream) until its share of the time runs out;
+# 2. the fastest settings measured so far at batch 1024, with and without the boolean-mask gathers;
+# 3. a kernel profile of that batch-1024 step (benchmarks/profile_step.py).
+# Reports go to ${OUT:-benchmarks}/gpu_stage2_*.{json,txt}. Needs a CUDA torch and qvlm's libraries
+# (run benchmarks/gpu.sh first on a bare machine: it installs what is missing); the tokenizers come
+# from .gpu/tok when it exists (python benchmarks/write_tokenizers.py .gpu/tok), else from the two
+# offline packages. QVLM_GPU_SHAPES and QVLM_GPU_BATCH change the shapes and the first batch size
+# (a CPU smoke run: QVLM_GPU_SHAPES=smoke QVLM_GPU_BATCH=4).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -d .gpu/tok/bert && -d .gpu/tok/smollm2 ]]; then
+  export QVLM_BENCH_BERT_TOKENIZER=${QVLM_BENCH_BERT_TOKENIZER:-$PWD/.gpu/tok/bert}
+  export QVLM_BENCH_LLM_TOKENIZER=${QVLM_BENCH_LLM_TOKENIZER:-$PWD/.gpu/tok/smollm2}
+fi
+OUT_DIR=${OUT:-benchmarks}
+BUDGET=${QVLM_GPU_BUDGET_S:-480}
+SHAPES=${QVLM_GPU_SHAPES:-real}
+BATCH=${QVLM_GPU_BATCH:-512}
+mkdir -p "$OUT_DIR"
+start=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+BEST="compiled, causal, LoRA dropout 0"
+status=0
+
+echo "gpu_stage2.sh: variants at batch $BATCH ($SHAPES shapes)"
+timeout $(( BUDGET * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch "$BATCH" \
+  --budget-s $(( BUDGET * 40 / 100 )) --json-out "$OUT_DIR/gpu_stage2_variants_b$BATCH.json" || status=$?
+
+echo "gpu_stage2.sh: the fastest settings at batch $(( 2 * BATCH )), $(left) s left"
+timeout $(( $(left) * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch $(( 2 * BATCH )) \
+  --only "$BEST" "$BEST, boolean-mask gathers" --json-out "$OUT_DIR/gpu_stage2_variants_b$(( 2 * BATCH )).json" \
+  || status=$?
+
+echo "gpu_stage2.sh: kernel profile at batch $(( 2 * BATCH )), $(left) s left"
+timeout $(( $(left) > 30 ? $(left) : 30 )) "$PY" benchmarks/profile_step.py --shapes "$SHAPES" --batch $(( 2 * BATCH )) \
+  --compile --set model.llm.lora.dropout=0 --rows 30 > "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" \
+  || status=$?
+head -40 "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" || true
+echo "gpu_stage2.sh: done in $(( $(date +%s) - start )) s (exit $status)"
+exit $status
