@@ -164,3 +164,22 @@ def test_bench_on_cuda_without_cuda_exits_2():
     from qvlm.cli import main
 
     assert main(["bench", "--device", "cuda"]) == 2
+
+
+def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
+    """The GPU scripts are plain bash (a syntax error would cost a GPU session), and
+    stage2_variants.py refuses a variant it does not have, listing the ones it has."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("gpu.sh", "gpu_stage2.sh"):
+        assert subprocess.run(["bash", "-n", str(root / "benchmarks" / script)]).returncode == 0, script
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "stage2_variants.py"), "--only", "no such"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert out.returncode == 2 and "no variant named ['no such']" in out.stderr
+    assert "compiled, causal, LoRA dropout 0, boolean-mask gathers" in out.stderr  # gpu_stage2.sh runs it by name
+    best = "compiled, causal, LoRA dropout 0"
+    assert f'BEST="{best}"' in (root / "benchmarks" / "gpu_stage2.sh").read_text()
