@@ -98,19 +98,20 @@ class BatchStream:
         # Its own generator: creating an iterator must not draw from the global RNG (dropout),
         # or a resumed run would see different dropout masks than an uninterrupted one.
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        pin = torch.cuda.is_available()  # page-locked batches: the non_blocking copies to the GPU overlap
         if self.streaming:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                              num_workers=self.num_workers, generator=gen)
+                              num_workers=self.num_workers, generator=gen, pin_memory=pin)
         if self.grouped is not None:  # length-grouped batches, resumed by whole batches
             self.grouped.set_epoch(self.epoch)
             return DataLoader(self.dataset, batch_sampler=self.grouped.batches()[self.batches_done:],
-                              collate_fn=self.collate, num_workers=self.num_workers, generator=gen)
+                              collate_fn=self.collate, num_workers=self.num_workers, generator=gen, pin_memory=pin)
         self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                           collate_fn=self.collate, num_workers=self.num_workers, generator=gen,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                          pin_memory=pin, persistent_workers=False)
 
     def next_batch(self, device: torch.device) -> dict:
         """The next non-empty batch, moved to ``device``; rolls over epochs."""
