@@ -42,9 +42,9 @@ timeout $(( $(left) * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "
   || status=$?
 
 echo "gpu_stage2.sh: kernel profile at batch $(( 2 * BATCH )), $(left) s left"
-timeout $(( $(left) > 30 ? $(left) : 30 )) "$PY" benchmarks/profile_step.py --shapes "$SHAPES" --batch $(( 2 * BATCH )) \
-  --compile --set model.llm.lora.dropout=0 --rows 30 > "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" \
-  || status=$?
+timeout $(( $(left) > 30 ? $(left) : 30 )) "$PY" benchmarks/profile_step.py --shapes "$SHAPES" \
+  --batch $(( 2 * BATCH )) --compile --set model.llm.lora.dropout=0 --rows 30 \
+  > "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" || status=$?
 head -40 "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" || true
 echo "gpu_stage2.sh: done in $(( $(date +%s) - start )) s (exit $status)"
 exit $status

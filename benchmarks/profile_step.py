@@ -1,7 +1,7 @@
 """Where one train step's device time goes: ``python benchmarks/profile_step.py [--stage 2] [--batch 256]
-[--compile] [--shapes real] [--set KEY=VALUE ...]`` prints the kernels (GPU) or operators (CPU) that take the most time in
-one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and the operators that launched
-them. For finding what to optimise; the speed claims themselves come from ``qvlm bench``.
+[--compile] [--shapes real] [--set KEY=VALUE ...]`` prints the kernels (GPU) or operators (CPU)
+that take the most time in one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and
+the operators that launched them. For finding what to optimise; the speed claims themselves come from ``qvlm bench``.
 """
 
 from __future__ import annotations

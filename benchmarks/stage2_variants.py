@@ -4,15 +4,15 @@
 Each variant changes one or two things against the step ``qvlm bench`` times (random weights, bf16
 autocast, cached features): the padding mask kept (as before rows were marked right-padded) or
 left out, the image tokens and supervised positions scattered and gathered by boolean mask (as
-before the collator found them on the CPU) or by index, LoRA dropout off, rows padded to a multiple of 16, one SDPA backend, and, with LoRA from
-the image on, the shared prompt prefix. Eager variants run first, then each compiled variant
-compiles every Q-Former and LLM layer afresh (``torch._dynamo.reset()``). Prints per variant: ms per
-step (median), samples/s, MFU over the real tokens and over the padded positions (the basis of
-earlier runs), peak memory, the GPU's kernel time per step, and the loss after the variant's steps
-(a no-grad forward; the model trains on through the variants, so it is a sanity value only: the
-exactness of the mask-free rows and the shared prefix is tested in tests/test_stage2.py). The JSON
-report is rewritten after every variant. For experiments; the claims themselves come from
-``qvlm bench``.
+before the collator found them on the CPU) or by index, LoRA dropout off, rows padded to a multiple
+of 16, one SDPA backend, and, with LoRA from the image on, the shared prompt prefix. Eager variants
+run first, then each compiled variant compiles every Q-Former and LLM layer afresh
+(``torch._dynamo.reset()``). Prints per variant: ms per step (median), samples/s, MFU over the real
+tokens and over the padded positions (the basis of earlier runs), peak memory, the GPU's kernel
+time per step, and the loss after the variant's steps (a no-grad forward; the model trains on
+through the variants, so it is a sanity value only: the exactness of the mask-free rows, the
+index gathers and the shared prefix is tested in tests/test_stage2.py). The JSON report is
+rewritten after every variant. For experiments; the claims themselves come from ``qvlm bench``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
         bf16_residual(model)
     if v.mask:
         batch.pop("padding_side")
-    if v.by_mask:  # the step before the collator found the positions: it syncs with the device 5 times
+    if v.by_mask:  # as before the collator found the positions: boolean masks, each a host-device sync
         batch.pop("image_positions")
         batch.pop("label_positions")
     b, t = batch["input_ids"].shape
