@@ -304,8 +304,8 @@ def test_right_padded_rows_train_without_the_padding_mask(positions):
 
 def _host_reads_in_qvlm(fn) -> list[str]:
     """Run ``fn`` and list the operations qvlm's own code made that read a value back from the device
-    (``.item()``, ``bool()``, ``int()``: ``_local_scalar_dense``) or index by a boolean mask (its
-    count): on a GPU each makes the host wait for every queued kernel."""
+    (``.item()``, ``bool()``, ``int()``: ``_local_scalar_dense``) or need a count from it (``nonzero``,
+    indexing by a boolean mask): on a GPU each makes the host wait for every queued kernel."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -319,7 +319,7 @@ def _host_reads_in_qvlm(fn) -> list[str]:
     class Reads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func)
-            if "_local_scalar_dense" in name or ("index" in name and by_mask(args)):
+            if "_local_scalar_dense" in name or "nonzero" in name or ("index" in name and by_mask(args)):
                 caller = [f for f in traceback.extract_stack() if "/torch/" not in f.filename][-2]
                 if "/qvlm/" in caller.filename:
                     found.append(f"{name} at {caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}")

@@ -249,15 +249,14 @@ def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels
     large vocabulary the logits of the prompt, the padding and the last position are most of the
     head's cost and memory. ``positions`` (2, S): those positions' rows and columns (position t
     predicts token t + 1), when known beforehand: then nothing here waits for the device."""
-    if positions is None:
+    if positions is None:  # found here, on the device
         supervised, tokens = supervised_positions(labels)
-        selected, targets = hidden[:, :-1][supervised], labels[:, 1:][supervised]  # (S, D), (S,)
+        positions = supervised.nonzero().T  # (2, S)
     else:
-        rows, cols = positions
-        selected, targets = hidden[rows, cols], labels[rows, cols + 1]  # (S, D), (S,)
-        tokens = torch.full((), rows.numel(), dtype=torch.long, device=labels.device)
-    logits = head(selected)  # (S, V)
-    return LmOutput(loss=F.cross_entropy(logits.float(), targets), tokens=tokens)
+        tokens = torch.full((), positions.shape[1], dtype=torch.long, device=labels.device)
+    rows, cols = positions
+    logits = head(hidden[rows, cols])  # (S, V)
+    return LmOutput(loss=F.cross_entropy(logits.float(), labels[rows, cols + 1]), tokens=tokens)
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -118,18 +118,16 @@ class VLM(nn.Module):
         ``positions``: ``image_mask.nonzero().T`` (2, B*Q), found and checked beforehand (the stage-2
         collator does, on the CPU): then the scatter is by index and nothing waits for the device."""
         b, q, _ = image_tokens.shape
-        if positions is not None:
-            if positions.shape != (2, b * q):
-                raise ValueError(f"image_positions must be (2, {b * q}) for {b} rows of {q} image tokens, got "
-                                 f"{tuple(positions.shape)}")
-            out = text_embeds.clone()
-            out[positions[0], positions[1]] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major order
-            return out
-        counts = image_mask.sum(dim=1)
-        if not torch.all(counts == q):
-            raise ValueError(f"image_mask must mark exactly {q} positions per row, got {counts.tolist()}")
+        if positions is None:  # found here, on the device
+            counts = image_mask.sum(dim=1)
+            if not torch.all(counts == q):
+                raise ValueError(f"image_mask must mark exactly {q} positions per row, got {counts.tolist()}")
+            positions = image_mask.nonzero().T  # (2, B*Q)
+        elif positions.shape != (2, b * q):
+            raise ValueError(f"image_positions must be (2, {b * q}) for {b} rows of {q} image tokens, got "
+                             f"{tuple(positions.shape)}")
         out = text_embeds.clone()
-        out[image_mask] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major matches mask order
+        out[positions[0], positions[1]] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major order
         return out
 
     # ---- use (tokenisation and decoding live in qvlm.inference) ---------------------------
