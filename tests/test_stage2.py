@@ -206,54 +206,74 @@ def test_compiled_layers_match_eager(positions):
     torch._dynamo.reset()
 
 
+def _acting_model_and_batch(positions: str, n: int, caption_prob: float) -> tuple:
+    """(cfg, model, batch): a tiny stage-2 model in eval mode (no dropout, so runs are comparable)
+    whose projector and adapters act (LoRA B starts at zero), and a collated batch of ``n``
+    synthetic scenes with their image features in place of the pixels."""
+    from qvlm.data.collate_stage2 import Stage2Collator
+    from qvlm.data.synth import SynthScenes
+
+    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
+    model = VLM.from_config(cfg, with_llm=True).eval()
+    torch.manual_seed(0)
+    for p in list(model.projector.parameters()) + [p for _, p in model.llm.lora_parameters()]:
+        p.data.normal_(0, 0.5)
+    scenes = SynthScenes(n, image_size=32)
+    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
+                             cfg.model.llm, max_len=64, caption_prob=caption_prob)
+    batch = collate([scenes[i] for i in range(n)])
+    with torch.no_grad():
+        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
+    return cfg, model, batch
+
+
+def _loss_and_grads(model, batch: dict, cfg) -> tuple:
+    """The stage-2 loss and every parameter's gradient after its backward."""
+    from qvlm.train.steps import stage2_losses
+
+    model.zero_grad(set_to_none=True)
+    loss = stage2_losses(model, batch, cfg)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(run: tuple, other: tuple, atol: float, rtol: float) -> None:
+    """Two ``_loss_and_grads`` results agree: the loss, and every gradient, LoRA's among them."""
+    (loss, grads), (other_loss, other_grads) = run, other
+    assert torch.allclose(loss, other_loss, atol=atol)
+    assert grads.keys() == other_grads.keys() and any("lora_" in n for n in grads)
+    for n in grads:
+        assert torch.allclose(grads[n], other_grads[n], atol=atol, rtol=rtol), n
+
+
 @pytest.mark.parametrize("positions", ["all", "from_image"])
 def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(positions):
     """train.share_prompt_prefix: with LoRA from the image on, the prompt tokens every row shares run
     once without autograd, and the loss and every gradient are the full forward's; with LoRA on all
     positions (it acts on the prefix) the full forward runs."""
-    from qvlm.data.collate_stage2 import Stage2Collator
-    from qvlm.data.synth import SynthScenes
-    from qvlm.train.steps import shareable_prefix, stage2_losses
+    from qvlm.train.steps import shareable_prefix
 
-    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
-    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
-    torch.manual_seed(0)
-    for p in model.projector.parameters():  # LoRA B starts at zero: make the adapters act
-        p.data.normal_(0, 0.5)
-    for name, p in model.llm.lora_parameters():
-        p.data.normal_(0, 0.5)
-    scenes = SynthScenes(4, image_size=32)
-    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
-                             cfg.model.llm, max_len=64, caption_prob=1.0)
-    batch = collate([scenes[i] for i in range(4)])
+    cfg, model, batch = _acting_model_and_batch(positions, 4, caption_prob=1.0)
     k = batch["shared_prefix"]
     assert 0 < k <= int(batch["image_mask"].float().argmax(1).min())
     assert bool((batch["input_ids"][:, :k] == batch["input_ids"][:1, :k]).all())
-    with torch.no_grad():
-        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
     calls = []
     model.llm.base_model().get_decoder().register_forward_pre_hook(lambda module, args: calls.append(1))
 
-    def loss_and_grads(share: bool):
+    def run(share):
         cfg.train.share_prompt_prefix = share
-        model.zero_grad(set_to_none=True)
         calls.clear()
-        loss = stage2_losses(model, batch, cfg)["loss"]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+        return _loss_and_grads(model, batch, cfg), len(calls)
 
-    full_loss, full_grads, full_calls = loss_and_grads(False)
-    loss, grads, n_calls = loss_and_grads("auto")  # the default: shared on a CPU
+    full, full_calls = run(False)
+    shared, n_calls = run("auto")  # the default: shared on a CPU
     assert full_calls == 1 and n_calls == (2 if positions == "from_image" else 1)  # the prefix pass, then the rest
     elsewhere = {"input_ids": torch.zeros(1, 1, device="meta"), "shared_prefix": k}  # not a CPU: "auto" is off
     cfg.train.share_prompt_prefix = "auto"
     assert shareable_prefix(model, elsewhere, cfg) == 0
     cfg.train.share_prompt_prefix = True
     assert shareable_prefix(model, elsewhere, cfg) == (k if positions == "from_image" else 0)
-    assert torch.allclose(loss, full_loss, atol=1e-5)
-    assert grads.keys() == full_grads.keys() and any("lora_" in n for n in grads)
-    for n in grads:
-        assert torch.allclose(grads[n], full_grads[n], atol=1e-5, rtol=1e-4), n
+    _assert_same(shared, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("positions", ["all", "from_image"])
@@ -261,45 +281,22 @@ def test_right_padded_rows_train_without_the_padding_mask(positions):
     """The collator right-pads, so the LLM runs plain causal attention (no padding mask): the loss
     and every gradient are those of the masked forward (with the shared prefix too, for from_image);
     a left-padded batch would differ, and a batch not marked right-padded keeps its mask."""
-    from qvlm.data.collate_stage2 import Stage2Collator
-    from qvlm.data.synth import SynthScenes
-    from qvlm.train.steps import padding_mask, stage2_losses
+    from qvlm.train.steps import padding_mask
 
-    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
-    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
-    torch.manual_seed(0)
-    for p in list(model.projector.parameters()) + [p for _, p in model.llm.lora_parameters()]:
-        p.data.normal_(0, 0.5)  # LoRA B starts at zero: make the adapters act
-    scenes = SynthScenes(6, image_size=32)
-    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
-                             cfg.model.llm, max_len=64, caption_prob=0.5)
-    batch = collate([scenes[i] for i in range(6)])
+    cfg, model, batch = _acting_model_and_batch(positions, 6, caption_prob=0.5)
     assert batch["padding_side"] == "right" and padding_mask(batch) is None
     assert not bool(batch["attention_mask"].all())  # some rows are padded
-    with torch.no_grad():
-        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
-
-    def loss_and_grads(b: dict):
-        model.zero_grad(set_to_none=True)
-        loss = stage2_losses(model, b, cfg)["loss"]
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
     masked = {k: v for k, v in batch.items() if k != "padding_side"}
     assert padding_mask(masked) is batch["attention_mask"]
-    loss, grads = loss_and_grads(batch)
-    masked_loss, masked_grads = loss_and_grads(masked)
-    assert torch.allclose(loss, masked_loss, atol=1e-6)
-    assert grads.keys() == masked_grads.keys() and any("lora_" in n for n in grads)
-    for n in grads:
-        assert torch.allclose(grads[n], masked_grads[n], atol=1e-6, rtol=1e-5), n
+    causal = _loss_and_grads(model, batch, cfg)
+    _assert_same(causal, _loss_and_grads(model, masked, cfg), atol=1e-6, rtol=1e-5)
     # the same rows padded on the left: without the mask the real tokens would see the pads
     shift = (1 - batch["attention_mask"]).sum(1)
-    left = dict(batch)
+    left = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
     for key in ("input_ids", "attention_mask", "labels", "image_mask"):
         left[key] = torch.stack([row.roll(int(s)) for row, s in zip(batch[key], shift)])
-    left_loss, _ = loss_and_grads({**left, "shared_prefix": 0})
-    assert not torch.allclose(left_loss, loss, atol=1e-4)
+    left_loss, _ = _loss_and_grads(model, {**left, "shared_prefix": 0}, cfg)
+    assert not torch.allclose(left_loss, causal[0], atol=1e-4)
 
 
 def _host_reads_in_qvlm(fn) -> list[str]:
@@ -334,39 +331,18 @@ def _host_reads_in_qvlm(fn) -> list[str]:
 def test_stage2_step_reads_nothing_back_from_the_device(positions):
     """With the collator's image and label positions (found on the CPU), the stage-2 loss and its
     backward make no host-device sync in qvlm's code, and give the loss and gradients of the
-    boolean-mask path, which does sync (so the check can fail)."""
-    from qvlm.data.collate_stage2 import Stage2Collator
-    from qvlm.data.synth import SynthScenes
-    from qvlm.train.steps import stage2_losses
-
-    cfg = load_config(CONFIGS / "tiny.yaml", ["train.stage=2", f"model.llm.lora.positions={positions}"])
-    model = VLM.from_config(cfg, with_llm=True).eval()  # eval: no dropout, so both runs are comparable
-    torch.manual_seed(0)
-    for p in list(model.projector.parameters()) + [p for _, p in model.llm.lora_parameters()]:
-        p.data.normal_(0, 0.5)
-    scenes = SynthScenes(5, image_size=32)
-    collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, cfg.model.qformer.num_queries,
-                             cfg.model.llm, max_len=64, caption_prob=0.5)
-    batch = collate([scenes[i] for i in range(5)])
+    path that finds them on the device, which does sync (so the check can fail)."""
+    cfg, model, batch = _acting_model_and_batch(positions, 5, caption_prob=0.5)
     assert batch["label_positions"].shape[1] == int((batch["labels"][:, 1:] != -100).sum())
-    with torch.no_grad():
-        batch["image_embeds"] = model.vision(batch.pop("pixel_values"))
     results = {}
 
     def run(b: dict, key: str):
-        model.zero_grad(set_to_none=True)
-        loss = stage2_losses(model, b, cfg)["loss"]
-        loss.backward()
-        results[key] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        results[key] = _loss_and_grads(model, b, cfg)
 
     assert _host_reads_in_qvlm(lambda: run(batch, "index")) == []
-    by_mask = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
-    assert len(_host_reads_in_qvlm(lambda: run(by_mask, "mask"))) >= 3  # the check, the count, the gather
-    (loss, grads), (mask_loss, mask_grads) = results["index"], results["mask"]
-    assert torch.allclose(loss, mask_loss, atol=1e-6)
-    assert grads.keys() == mask_grads.keys() and any("lora_" in n for n in grads)
-    for n in grads:
-        assert torch.allclose(grads[n], mask_grads[n], atol=1e-6, rtol=1e-5), n
+    on_device = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
+    assert len(_host_reads_in_qvlm(lambda: run(on_device, "device"))) >= 3  # the check, the count, the gather
+    _assert_same(results["index"], results["device"], atol=1e-6, rtol=1e-5)
     embeds, tokens = model.llm.embed(batch["input_ids"]), torch.zeros(5, cfg.model.qformer.num_queries, 32)
     with pytest.raises(ValueError, match="image_positions"):  # positions of another batch
         VLM.merge(embeds, tokens, batch["image_mask"], batch["image_positions"][:, :-1])
