@@ -182,10 +182,9 @@ def compiled_largest(bench: Bench, trainer: Trainer, files: SceneFiles, batch_si
                      peak: float | None, batch_search: int) -> dict | None:
     """The compiled step's row at the largest power-of-two batch above ``batch_size`` that fits, up to
     ``batch_search`` (None when none does), compiled afresh for that shape."""
-    size = 2 * batch_size
-    if not fits(trainer, files, size):
+    size = find_batch(trainer, files, batch_size, batch_search)  # from the size that runs already
+    if size == batch_size:
         return None
-    size = find_batch(trainer, files, size, batch_search)
     torch._dynamo.reset()  # the search compiled for several sizes (dynamic shapes); time this one alone
     big = stage2_batch(trainer, files, size)
     for _ in range(2):
