@@ -22,7 +22,6 @@ import json
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from qvlm.bench.timing import device_time, synchronizer, time_one
 from qvlm.train.loop import frozen_weights
 from qvlm.train.speed import compile_layers
 from qvlm.train.steps import step_losses
+
+from profile_step import attention_backend, bf16_residual  # benchmarks/profile_step.py, beside this script
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,6 @@ VARIANTS = [  # in the order they run; the compiled ones by priority (a time bud
     Variant("compiled, causal, LoRA dropout 0, bf16 residual", True, dropout0=True, bf16_residual=True),
 ]
 
-def sdpa_context(name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backends = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-    return nullcontext() if name == "default" else sdpa_kernel([backends[name]])
-
-
 def set_lora_dropout(model, off: bool, p: float) -> None:
     """peft keeps each adapter's dropout in ``lora_dropout[adapter]``; dropout 0 is an Identity there."""
     for module in model.llm.model.modules():
@@ -99,8 +92,6 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
     cfg.train.share_prompt_prefix = v.share
     batch = stage2_batch(trainer, files, files.n, v.pad)
     if v.bf16_residual:
-        from profile_step import bf16_residual  # benchmarks/profile_step.py, beside this script
-
         bf16_residual(model)
     if v.mask:
         batch.pop("padding_side")
@@ -114,7 +105,7 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
     flops_real = FL.step_flops(FL.stage2_groups(model, b, real, supervised, n_img))
     flops_padded = FL.step_flops(FL.stage2_groups(model, b, b * t, supervised, n_img))
     sync = synchronizer(bench.device)
-    with sdpa_context(v.sdpa):
+    with attention_backend(v.sdpa):
         torch._dynamo.reset()
         uncompile(model)
         start = time.perf_counter()

@@ -21,9 +21,9 @@ stay in colour and supervise presence, colour and size, never shape, through the
 (the bound readout's scene head on the mean token still learns every attribute of a colour image,
 which keeps an object's attributes bound together: count 0.855 -> 0.94 in the demo). In the
 training split colour predicts shape (green is never a circle there), and a tower that learns
-shape from colour images uses that: it named the shapes of never-trained pairs 19% right. Learned from grey images only,
-shape is read 96% right on them (benchmarks/RESULTS.md). Evaluation then takes colour, presence and
-size from the colour view and shape from the grey view.
+shape from colour images uses that: it named the shapes of never-trained pairs 19% right.
+Learned from grey images only, shape is read 96% right on them (benchmarks/RESULTS.md). Evaluation
+then takes colour, presence and size from the colour view and shape from the grey view.
 
 The early stop (``target_acc``) watches the per-token head. The bound readout's scene head, which a
 broadly averaging Q-Former query reads, learns more slowly: with the grey view the token head passed
