@@ -3,9 +3,10 @@
 # repository root (about 8 minutes; QVLM_GPU_BUDGET_S sets the seconds, default 480).
 #
 # 1. benchmarks/stage2_variants.py at batch 512: every variant in priority order (the padding mask,
-#    boolean-mask gathers vs the collator's positions, LoRA dropout, padding, SDPA backends, the
-#    shared prefix, a bf16 residual stream) until its share of the time runs out;
-# 2. the fastest settings measured so far at batch 1024, with and without the boolean-mask gathers;
+#    the image and label positions found on the device vs the collator's, LoRA dropout, padding,
+#    SDPA backends, the shared prefix, a bf16 residual stream) until its share of the time runs out;
+# 2. the fastest settings measured so far at batch 1024, with the collator's positions and with
+#    them found on the device;
 # 3. a kernel profile of that batch-1024 step (benchmarks/profile_step.py).
 # Reports go to ${OUT:-benchmarks}/gpu_stage2_*.{json,txt}. Needs a CUDA torch and qvlm's libraries
 # (run benchmarks/gpu.sh first on a bare machine: it installs what is missing); the tokenizers come
@@ -38,7 +39,7 @@ timeout $(( BUDGET * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$
 
 echo "gpu_stage2.sh: the fastest settings at batch $(( 2 * BATCH )), $(left) s left"
 timeout $(( $(left) * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch $(( 2 * BATCH )) \
-  --only "$BEST" "$BEST, boolean-mask gathers" --json-out "$OUT_DIR/gpu_stage2_variants_b$(( 2 * BATCH )).json" \
+  --only "$BEST" "$BEST, positions found on the device" --json-out "$OUT_DIR/gpu_stage2_variants_b$(( 2 * BATCH )).json" \
   || status=$?
 
 echo "gpu_stage2.sh: kernel profile at batch $(( 2 * BATCH )), $(left) s left"

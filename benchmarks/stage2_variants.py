@@ -3,16 +3,15 @@
 
 Each variant changes one or two things against the step ``qvlm bench`` times (random weights, bf16
 autocast, cached features): the padding mask kept (as before rows were marked right-padded) or
-left out, the image tokens and supervised positions scattered and gathered by boolean mask (as
-before the collator found them on the CPU) or by index, LoRA dropout off, rows padded to a multiple
-of 16, one SDPA backend, and, with LoRA from the image on, the shared prompt prefix. Eager variants
-run first, then each compiled variant compiles every Q-Former and LLM layer afresh
-(``torch._dynamo.reset()``). Prints per variant: ms per step (median), samples/s, MFU over the real
-tokens and over the padded positions (the basis of earlier runs), peak memory, the GPU's kernel
-time per step, and the loss after the variant's steps (a no-grad forward; the model trains on
-through the variants, so it is a sanity value only: the exactness of the mask-free rows, the
-index gathers and the shared prefix is tested in tests/test_stage2.py). The JSON report is
-rewritten after every variant. For experiments; the claims themselves come from ``qvlm bench``.
+left out, the image slots and supervised positions found on the device (as before the collator
+found them on the CPU), LoRA dropout off, rows padded to a multiple of 16, one SDPA backend, and,
+with LoRA from the image on, the shared prompt prefix. Eager variants run first, then each compiled
+variant compiles every Q-Former and LLM layer afresh (``torch._dynamo.reset()``). Prints per
+variant: ms per step (median), samples/s, MFU over the real tokens and over the padded positions
+(the basis of earlier runs), peak memory, the GPU's kernel time per step, and the loss after the
+variant's steps (a no-grad forward; the model trains on through the variants, so it is a sanity
+value only: the exactness of the mask-free rows, the collator's positions and the shared prefix is
+tested in tests/test_stage2.py). The JSON report is rewritten after every variant. For experiments; the claims themselves come from ``qvlm bench``.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class Variant:
     positions: str = "all"  # model.llm.lora.positions
     share: bool = False  # train.share_prompt_prefix (from_image only)
     bf16_residual: bool = False  # profile_step.bf16_residual: changes the model for good (run it last)
-    by_mask: bool = False  # no image/label positions from the collator: boolean-mask scatter and gather (syncs)
+    on_device: bool = False  # no image/label positions from the collator: found on the device (syncs)
 
 
 VARIANTS = [  # in the order they run; the compiled ones by priority (a time budget may cut the tail)
@@ -62,7 +61,8 @@ VARIANTS = [  # in the order they run; the compiled ones by priority (a time bud
     Variant("compiled, padding mask", True, mask=True),
     Variant("compiled, causal", True),
     Variant("compiled, causal, LoRA dropout 0", True, dropout0=True),
-    Variant("compiled, causal, LoRA dropout 0, boolean-mask gathers", True, dropout0=True, by_mask=True),
+    Variant("compiled, causal, LoRA dropout 0, positions found on the device", True, dropout0=True,
+            on_device=True),
     Variant("compiled, causal, LoRA dropout 0, pad 16", True, dropout0=True, pad=16),
     Variant("compiled, causal, LoRA dropout 0, SDPA cudnn", True, dropout0=True, sdpa="cudnn"),
     Variant("compiled, from_image, whole rows, dropout 0", True, dropout0=True, positions="from_image"),
@@ -95,7 +95,7 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
         bf16_residual(model)
     if v.mask:
         batch.pop("padding_side")
-    if v.by_mask:  # as before the collator found the positions: boolean masks, each a host-device sync
+    if v.on_device:  # as before the collator found the positions: each count is a host-device sync
         batch.pop("image_positions")
         batch.pop("label_positions")
     b, t = batch["input_ids"].shape
