@@ -117,10 +117,15 @@ class Stage1Collator:
         if not captions:
             empty = torch.zeros((0, 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone()}
-        multiple = self.pad_to_multiple_of if self.pad_to_multiple_of > 1 else None
         enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
-                             pad_to_multiple_of=multiple, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (B, T) each
+                             return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) each
+        width = round_up(ids.shape[1], self.pad_to_multiple_of)
+        if width > ids.shape[1]:  # more pad columns, masked out
+            pad_id = self.tokenizer.pad_token_id or 0
+            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
+            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=0)
+        return {"input_ids": ids, "attention_mask": mask}
 
     def pixels(self, records: list[dict]) -> torch.Tensor:
         if not records:
