@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qvlm.config import LLMConfig, load_config
-from qvlm.models.generate import (GenerationConfig, generate, generate_from_images, pad_left,
+from qvlm.models.generate import (GenerationConfig, generate, generate_from_images, pad_left, static_cache_length,
                                   repetition_penalty, top_p_filter)
 from qvlm.models.llm import LanguageModel
 from qvlm.models.vlm import VLM
@@ -59,7 +59,7 @@ def run_row(vlm, batch, i, **kw):
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5),
                                  dict(num_beams=0), dict(do_sample=True, num_beams=2), dict(stop=[""]),
-                                 dict(repetition_penalty=0.0)])
+                                 dict(repetition_penalty=0.0), dict(compile=True, use_cache=False)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         GenerationConfig(**bad)
@@ -323,3 +323,28 @@ def test_from_image_lora_adapts_generated_tokens(batch):
         model = position_limited_vlm(positions, seed=0)
         outs[positions] = run(model, batch, max_new_tokens=10, use_cache=True).token_ids
     assert outs["image"] != outs["from_image"]
+
+
+# ---- compiled decoding -------------------------------------------------------------------
+
+def test_static_cache_length_is_a_power_of_two_from_64():
+    assert [static_cache_length(n) for n in (1, 64, 65, 129, 200)] == [64, 64, 128, 256, 256]
+
+
+def test_compiled_decoding_gives_the_eager_tokens(batch):
+    """compile=True: a static cache and one compiled forward for every decoding step. Same tokens as
+    the eager decoder with a dynamic cache, for a left-padded batch with "from_image" adapters
+    (their position mask is read inside the compiled graph), greedy and beam search (the static
+    cache reordered in place); the steps do not recompile, and the compiled model stays out of the
+    state dict."""
+    model = position_limited_vlm("from_image")
+    keys = set(model.state_dict())
+    eager = {k: run(model, batch, max_new_tokens=10, num_beams=k) for k in (1, 3)}
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    greedy = run(model, batch, max_new_tokens=10, compile=True)
+    assert greedy == eager[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # ten steps, one graph
+    assert run(model, batch, max_new_tokens=10, num_beams=3, compile=True) == eager[3]
+    assert set(model.state_dict()) == keys
+    assert eager[1].token_ids[0] != eager[1].token_ids[1]

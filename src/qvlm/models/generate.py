@@ -11,6 +11,12 @@ generates exactly what it would alone. With ``use_cache`` the prompt runs once (
 step feeds only the new token's embedding plus a ``transformers.DynamicCache``; without it the
 whole sequence is recomputed every step. Both paths share one loop and give the same greedy tokens.
 
+Compiled decoding (``compile=True``): the cache is a ``transformers.StaticCache`` whose length is
+rounded up to a power of two (``static_cache_length``), so every decoding step has the same shapes
+and runs one ``torch.compile``'d forward of the LLM (``LanguageModel.compiled_model``; CUDA graphs on
+a GPU). The prompt's prefill stays eager. The first call compiles (tens of seconds); later calls
+reuse it, so it pays off in a server or a long captioning run, not for one short caption.
+
 Streaming: greedy/sampling accept ``on_step(ids, reasons)``, called after every step with each
 row's new tokens so far and its finish reason (None while running); it may return ``{row: reason}``
 to finish rows early (a server stops a row whose client left, or whose own token budget is spent).
@@ -24,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from qvlm.models.llm import LanguageModel
 
@@ -42,6 +48,7 @@ class GenerationConfig:
     num_beams: int = 1
     stop: list[str] = field(default_factory=list)  # stop strings, matched in the decoded new text
     use_cache: bool = True
+    compile: bool = False  # decoding steps through a compiled forward and a static KV cache
     seed: int | None = None  # sampling RNG; None = torch's global RNG
 
     def __post_init__(self) -> None:
@@ -53,6 +60,7 @@ class GenerationConfig:
             (self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}"),
             (not (self.do_sample and self.num_beams > 1), "sampling and beam search do not mix"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty: {self.stop!r}"),
+            (self.use_cache or not self.compile, "compile=True decodes through the KV cache; use_cache must be on"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,47 +129,88 @@ def process_logits(logits: Tensor, seen: Tensor | None, gen: GenerationConfig) -
 
 # ---- the model, step by step -------------------------------------------------------------
 
+def static_cache_length(tokens: int) -> int:
+    """Slots of a compiled decoder's static cache for ``tokens`` positions: the next power of two
+    from 64 on, so prompts and answer budgets of similar length share one compiled shape."""
+    return max(64, 1 << (tokens - 1).bit_length())
+
+
 class _Decoder:
-    """Runs the LM over a growing sequence of R rows; cached (new positions only) or recomputed."""
+    """Runs the LM over a growing sequence of R rows; cached (new positions only) or recomputed.
+
+    ``static_len`` > 0: a static cache of that many slots, and decoding steps through the LM's
+    compiled forward; the attention mask given to the model is padded with zeros to the cache's
+    length, so every step has the same shapes."""
 
     def __init__(self, lm: LanguageModel, embeds: Tensor, attention_mask: Tensor, use_cache: bool,
-                 lora_mask: Tensor | None = None):
+                 lora_mask: Tensor | None = None, static_len: int = 0):
         self.lm = lm
         self.embeds = embeds  # (R, T, D): the whole sequence so far (kept only without a cache)
         self.mask = attention_mask.long()  # (R, T): past + current positions
         # (R, T) bool: where position-limited adapters act (lm.adapter_mask of the image slots)
         self.lora_mask = lm.adapter_mask(lora_mask if lora_mask is not None
                                          else torch.zeros_like(attention_mask, dtype=torch.bool))
-        self.cache = DynamicCache(config=lm.base_model().config) if use_cache else None
+        config = lm.base_model().config
+        self.static_len = static_len
+        if static_len and static_len < attention_mask.shape[1]:
+            raise ValueError(f"a static cache of {static_len} slots cannot hold a {attention_mask.shape[1]}-token prompt")
+        self.cache = (None if not use_cache else StaticCache(config=config, max_cache_len=static_len) if static_len
+                      else DynamicCache(config=config))
+        self.step_model = lm.compiled_model() if static_len else lm.model
 
-    def _run(self, embeds: Tensor) -> Tensor:
+    def _run(self, embeds: Tensor, model: nn.Module) -> Tensor:
         """Forward the newest ``embeds`` (R, t, D); returns the last position's logits (R, V)."""
-        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:]  # (R, t); 1st real token: 0
+        positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)[:, -embeds.shape[1]:].contiguous()  # (R, t); 1st: 0
+        mask = self.mask
+        if self.static_len:  # (R, S): the cache's slots, those not yet written masked out
+            mask = nn.functional.pad(mask, (0, self.static_len - mask.shape[1]))
         with self.lm.lora_positions(self.lora_mask[:, -embeds.shape[1]:]):
-            out = self.lm.model(inputs_embeds=embeds, attention_mask=self.mask, position_ids=positions,
-                                cache=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
-        return out.logits[:, -1].float()  # (R, V)
+            if model is not self.lm.model and embeds.is_cuda:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+            out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                        cache=self.cache, use_cache=self.cache is not None, logits_to_keep=1)
+        return out.logits[:, -1].float().clone()  # (R, V); a copy: CUDA graphs reuse their outputs
 
     def prefill(self) -> Tensor:
-        return self._run(self.embeds)
+        return self._run(self.embeds, self.lm.model)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Append one token per row (R,) and return the next logits (R, V)."""
+        if self.static_len and self.mask.shape[1] >= self.static_len:
+            raise RuntimeError(f"the static cache's {self.static_len} slots are full")
         new = self.lm.embed(tokens[:, None])  # (R, 1, D)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)  # (R, T+1)
         self.lora_mask = torch.cat([self.lora_mask, self.lm.adapter_mask_next(self.lora_mask)], dim=1)
         if self.cache is not None:
-            return self._run(new)
+            return self._run(new, self.step_model)
         self.embeds = torch.cat([self.embeds, new.to(self.embeds.dtype)], dim=1)  # (R, T+1, D)
-        return self._run(self.embeds)
+        return self._run(self.embeds, self.lm.model)
 
     def select(self, rows: Tensor) -> None:
         """Keep / repeat / reorder rows (beam search): row i becomes old row ``rows[i]``."""
         self.mask, self.lora_mask = self.mask[rows], self.lora_mask[rows]
         if self.cache is None:
             self.embeds = self.embeds[rows]
+        elif self.static_len:
+            self._select_static(rows)
         else:  # Cache.reorder_cache: index_select(0, rows) on every layer's keys and values
             self.cache.reorder_cache(rows)
+
+    def _select_static(self, rows: Tensor) -> None:
+        """``select`` for the static cache: in place when the row count stays (a compiled step, and
+        its CUDA graph, keep reading the same tensors), new tensors when it changes (beam search
+        repeating each prompt K times, before any compiled step)."""
+        for layer in self.cache.layers:
+            if not layer.is_initialized:
+                continue
+            if len(rows) == layer.keys.shape[0]:
+                layer.keys.copy_(layer.keys.index_select(0, rows))
+                layer.values.copy_(layer.values.index_select(0, rows))
+            else:
+                layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+                layer.batch_size = len(rows)
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
 
 
 def _cut_at_stop(tokenizer: Any, ids: list[int], stop: list[str]) -> tuple[str, list[int], bool]:
@@ -336,7 +385,8 @@ def generate(lm: LanguageModel, inputs_embeds: Tensor, attention_mask: Tensor, t
             prompt = attention_mask.bool() & (input_ids >= 0)  # (B, T)
             seen[prompt.nonzero()[:, 0], input_ids[prompt]] = True
     with _eval_mode(lm):
-        dec = _Decoder(lm, inputs_embeds, attention_mask, gen.use_cache, lora_mask)
+        static_len = static_cache_length(inputs_embeds.shape[1] + gen.max_new_tokens) if gen.compile else 0
+        dec = _Decoder(lm, inputs_embeds, attention_mask, gen.use_cache, lora_mask, static_len)
         if gen.num_beams > 1:
             texts, ids, reasons = _beam_search(dec, gen, tokenizer, eos, pad, seen)
         else:
