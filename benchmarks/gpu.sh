@@ -53,9 +53,10 @@ echo "gpu.sh: setup took $(( $(date +%s) - start )) s; torch $("$PY" -c 'import 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
 # Each part is its own `qvlm bench` call with its own time limit, so a slow part cannot starve the
-# ones after it; stage 2 first (its MFU is the goal), then stage 1, then generation and the Q-Former.
+# ones after it; stage 2 first (its MFU is the goal), then stage 1, then generation, the Q-Former and
+# compiled decoding (last: its compiling takes a minute; the JSON is rewritten after each section).
 # A part is "name sections largest-batch-searched share-of-the-budget-in-percent".
-PARTS=${QVLM_GPU_PARTS:-"stage2 stage2 1024 45;stage1 stage1 256 40;rest generation,qformer 0 15"}
+PARTS=${QVLM_GPU_PARTS:-"stage2 stage2 1024 40;stage1 stage1 256 35;rest generation,qformer,decode 0 25"}
 left=$(( BUDGET - ($(date +%s) - start) ))
 (( left < 240 )) && left=240  # the setup was slow; give the benchmarks four minutes anyway
 status=0

@@ -135,6 +135,22 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     assert all(r["model_tflop_per_step"] > 0 and "peak_mem_mb" in r for r in stage2)
 
 
+def test_generation_bench_times_compiled_decoding(tmp_path):
+    """The compiled-decoding rows: compiled before timing (its seconds in the note), the same tokens
+    as the eager decoder (else a note), and ratios against the eager KV cache."""
+    from qvlm.bench.generation import bench_generation
+    from qvlm.bench.harness import Bench
+    from qvlm.bench.shapes import SHAPES
+
+    bench = Bench(torch.device("cpu"), "fp32", repeats=1, warmup=0, work=tmp_path)
+    ratios = bench_generation(bench, SHAPES["smoke"], batch_size=2, new_tokens=3, without_cache=False, compiled=True)
+    assert set(ratios) == {"compiled_latency", "compiled_batched", "compile_seconds"}
+    assert ratios["compiled_latency"] > 0 and ratios["compiled_batched"] > 0 and ratios["compile_seconds"] > 0
+    compiled = [r for r in bench.rows if r["name"].endswith("KV cache, compiled decoding")]
+    assert [r["batch"] for r in compiled] == [1, 2] and all("compiling) took" in r["note"] for r in compiled)
+    assert len(bench.rows) == 4 and bench.notes == []
+
+
 def test_bench_sections_in_order_and_json_out_written(tmp_path, capsys):
     """--sections runs only those, in that order; --json-out holds the final report."""
     from qvlm.cli import main

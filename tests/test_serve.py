@@ -284,6 +284,19 @@ def test_a_batch_answers_each_row_as_if_alone(vlm):
     assert len({t for t, _ in together}) == 3
 
 
+def test_compiled_engine_warms_up_and_answers_as_the_eager_one(vlm):
+    """--compile: the decoding step is compiled at start-up (warm_up), and a batch then gets the
+    eager engine's answers."""
+    bodies = [chat_body(png((200, 30, 30)), "What is this?", max_tokens=9),
+              chat_body(png((0, 0, 255), size=(64, 64)), "Describe the colours of this picture, please.",
+                        max_tokens=5)]
+    eager = [answer(events) for events in run_jobs(Engine(vlm, MODEL, LIMITS), bodies)]
+    engine = Engine(vlm, MODEL, LIMITS, compile=True)
+    assert engine.warm_up() > 0 and vlm.llm._compiled  # compiled before the first request
+    assert [answer(events) for events in run_jobs(engine, bodies)] == eager
+    assert engine.generation_config(parse_chat_request(bodies[0], LIMITS), 4).compile
+
+
 def test_stop_string_per_row_in_a_batch(vlm):
     engine = Engine(vlm, MODEL, LIMITS)
     base = chat_body(png(), "What is this?", max_tokens=12)

@@ -174,7 +174,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     images = [decode_image(path) for path in args.images]
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
-    texts = model.caption(images, prompt=args.prompt, gen=GenerationConfig(max_new_tokens=args.max_tokens))
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, compile=args.compile)
+    texts = model.caption(images, prompt=args.prompt, gen=gen)
     if args.json:
         print_json({"captions": [{"image": p, "caption": t} for p, t in zip(args.images, texts)]})
     else:
@@ -191,7 +192,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     image = decode_image(args.image)
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
-                           temperature=args.temperature or 1.0)
+                           temperature=args.temperature or 1.0, compile=args.compile)
     if args.prompt:
         print(model.chat(image, args.prompt, gen=gen), flush=True)
         return 0
@@ -289,7 +290,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine = Engine.load(model, limits, model_id=args.model_name, device=device)
+    engine = Engine.load(model, limits, model_id=args.model_name, device=device, compile=args.compile)
+    if args.compile:
+        eprint("qvlm serve: compiling the decoding step (once, before serving; a minute or more on a CPU)")
+        eprint(f"qvlm serve: compiled in {engine.warm_up():.0f} s")
     auth = "required" if api_key else "off"
     serve(create_app(engine, api_key=api_key), args.host, args.port, log_level=args.log_level,
           announce=lambda url: eprint(f"qvlm serve: model {engine.model_id!r} on {url} (API key {auth})"))
@@ -300,6 +304,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------
+
+
+COMPILE_HELP = ("decode through a static KV cache and a torch.compile'd LLM step (CUDA graphs on a GPU): "
+                "faster tokens after a one-time compilation of a minute or more")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -332,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-search", type=int, default=0, metavar="MAX",
                    help="train steps at real shapes use the largest power-of-two batch up to MAX that fits (GPUs)")
     p.add_argument("--sections", default="qformer,stage1,stage2,generation", metavar="LIST",
-                   help="comma-separated sections to run, in this order (default: all four)")
+                   help="comma-separated sections to run, in this order (default: the first four; "
+                        "decode, compiled decoding against the eager KV cache, compiles for minutes on a CPU)")
     p.add_argument("--json-out", default=None, metavar="FILE",
                    help="also write the JSON report to FILE, updated after every section")
     p.add_argument("--plan", choices=["quick", "full", "smoke"], default=None, help=argparse.SUPPRESS)
@@ -390,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--prompt", default=None, help="user prompt (default: the model's first user prompt)")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_caption)
 
@@ -399,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="copy a saved model; --merge-lora folds the adapters into the LLM")
@@ -431,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-image-host", action="append", default=[], metavar="HOST[:PORT]",
                    help="fetch http(s) image URLs from this host (repeatable; default: data: URLs only)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (compiled at start-up)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("data", help="make or inspect data")

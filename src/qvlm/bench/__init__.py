@@ -3,7 +3,8 @@
 Sections (each a module here): the Q-Former forward + backward against ``transformers``'
 ``Blip2QFormerModel`` (``qformer_ref``); the stage-1 step from cached features vs from image files,
 fused vs LAVIS-style passes, padding, and the speed options (``stage1``); the stage-2 step
-(``stage2``); caption generation with and without the KV cache (``generation``). Model FLOPs and MFU
+(``stage2``); caption generation with and without the KV cache (``generation``); and, asked for by
+name, compiled decoding steps against the eager KV cache (``decode``). Model FLOPs and MFU
 come from ``flops``, timing and memory from ``timing``, the table and JSON from ``report``.
 
 ``run_bench(quick=..., device=..., precision=...)`` returns the report dict; its ``ratios`` hold
@@ -84,7 +85,8 @@ def load_avg() -> list[float]:
         return []
 
 
-SECTIONS = ("qformer", "stage1", "stage2", "generation")
+SECTIONS = ("qformer", "stage1", "stage2", "generation", "decode")
+DEFAULT_SECTIONS = SECTIONS[:4]  # "decode" compiles for minutes on a CPU: asked for by name
 
 
 def check_sections(sections: tuple[str, ...]) -> None:
@@ -96,7 +98,7 @@ def check_sections(sections: tuple[str, ...]) -> None:
 
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", plan: str | None = None,
               batch_search: int = 0, work_dir: str | None = None, progress: bool = True,
-              sections: tuple[str, ...] = SECTIONS, partial: Callable[[dict], None] | None = None) -> dict:
+              sections: tuple[str, ...] = DEFAULT_SECTIONS, partial: Callable[[dict], None] | None = None) -> dict:
     """Run the ``sections`` in the order given and return the report (rows, ratios, findings, notes,
     run details); ``partial(report)`` gets the report so far after each section (so a run stopped
     by a time limit still leaves its finished sections)."""
@@ -123,6 +125,7 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
             "stage1": ("stage 1", lambda: section_stage1(bench, p, report, peak, batch_search)),
             "stage2": ("stage 2", lambda: section_stage2(bench, p, report, peak, batch_search)),
             "generation": ("generation", lambda: section_generation(bench, p, report)),
+            "decode": ("compiled decoding", lambda: section_decode(bench, p, report)),
         }
         report["sections"] = list(sections)
         for key in sections:
@@ -332,6 +335,19 @@ def section_stage2(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
         if largest:  # GPUs: compiled layers fit a larger batch, where the host's share of the step shrinks
             report["findings"]["stage2_compile_largest_batch"] = largest["batch"]
             report["findings"]["stage2_compile_largest_mfu"] = largest.get("mfu")
+
+
+def section_decode(bench, p: Plan, report: dict) -> None:
+    """Compiled decoding steps (static KV cache) against the eager KV cache, at the real shapes.
+    Not in the default sections: compiling takes minutes on a CPU."""
+    from qvlm.bench.generation import bench_generation
+
+    with bench.rounds(p.option_repeats):
+        ratios = bench_generation(bench, shapes_of(p, "real"), p.gen_batch, p.gen_tokens, without_cache=False,
+                                  compiled=True)
+    report["ratios"]["compiled_decoding_generation"] = ratios["compiled_latency"]
+    report["ratios"]["compiled_decoding_generation_batched"] = ratios["compiled_batched"]
+    report["findings"]["generation_compile_seconds"] = ratios["compile_seconds"]
 
 
 def section_generation(bench, p: Plan, report: dict) -> None:

@@ -1,8 +1,10 @@
 """Caption generation benchmarks: latency per image (batch 1) and images/s batched, with the KV cache
 (``GenerationConfig(use_cache=True)``: the prompt runs once, then one position per new token) and
-without it (the whole sequence recomputed for every new token). Greedy decoding of a fixed number
-of new tokens through ``qvlm.inference.describe_embeds`` (chat-template prompt with image slots),
-from frozen features computed before timing. Both paths produce the same tokens.
+without it (the whole sequence recomputed for every new token), and (``compiled``) with the KV
+cache static and every decoding step one compiled forward (``GenerationConfig(compile=True)``; its
+compilation is timed on its own, before the timed calls). Greedy decoding of a fixed number of new
+tokens through ``qvlm.inference.describe_embeds`` (chat-template prompt with image slots), from
+frozen features computed before timing. All paths produce the same tokens.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ from qvlm.bench.harness import Bench, SceneFiles, row
 from qvlm.bench.shapes import Shapes
 
 GROUP = "caption generation"
+COMPILED_GROUP = "caption generation: compiled decoding"
+MODES = {"cache": "KV cache", "nocache": "no cache", "compiled": "KV cache, compiled decoding"}
 
 
 def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: int, vlm=None,
-                     without_cache: bool = True) -> dict:
-    """Rows for latency (batch 1) and throughput (``batch_size``), with the KV cache and (when
-    ``without_cache``) without it; returns the no-cache / cache ratios. ``vlm``: a model with an LLM
-    at ``shapes`` already built (else one is built)."""
+                     without_cache: bool = True, compiled: bool = False) -> dict:
+    """Rows for latency (batch 1) and throughput (``batch_size``), with the KV cache, (when
+    ``without_cache``) without it and (when ``compiled``) with compiled decoding steps; returns the
+    ratios against the eager KV cache: {"latency", "batched"} (no cache / cache) and
+    {"compiled_latency", "compiled_batched", "compile_seconds"}. ``vlm``: a model with an LLM at
+    ``shapes`` already built (else one is built). With ``compiled`` the rows go to a group of their
+    own (``qvlm bench --sections decode``), so the eager rows there do not repeat the plain ones."""
+    import time
+
     from qvlm.inference import describe_embeds
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
@@ -35,33 +44,49 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         feats = vlm.vision(pixels).float()  # (B, N, Dv)
     produced: dict[str, list[int]] = {}
 
-    def caption(n: int, use_cache: bool):
-        gen = GenerationConfig(max_new_tokens=new_tokens, use_cache=use_cache)
+    def caption(n: int, mode: str):
+        gen = GenerationConfig(max_new_tokens=new_tokens, use_cache=mode != "nocache", compile=mode == "compiled")
 
         def run():
             with bench.autocast():
                 out = describe_embeds(vlm, feats[:n], gen=gen)
-            produced[f"{n}-{use_cache}"] = [len(ids) for ids in out.token_ids]
+            produced[f"{n}-{mode}"] = out.token_ids
         return run
 
-    caches = (True, False) if without_cache else (True,)
-    variants = {f"{n}-{c}": caption(n, c) for n in (1, batch_size) for c in caches}
+    modes = ["cache"] + ["nocache"] * without_cache + ["compiled"] * compiled
+    variants = {f"{n}-{m}": caption(n, m) for n in (1, batch_size) for m in modes}
+    compile_seconds = {}
+    for key in [k for k in variants if k.endswith("compiled")]:  # the first call compiles: not a timed call
+        start = time.perf_counter()
+        variants[key]()
+        compile_seconds[key] = time.perf_counter() - start
     timings = bench.time(variants)
     prompt = describe_prompt_len(vlm)
     for key, timing in timings.items():
-        n, cache = key.split("-")
-        n, cache = int(n), cache == "True"
-        tokens = sum(produced[key])
+        n, mode = key.split("-")
+        n = int(n)
+        tokens = sum(len(ids) for ids in produced[key])
         kind = "latency, 1 image" if n == 1 else f"batched, {n} images"
-        out = row(bench, GROUP, f"{kind}, {'KV cache' if cache else 'no cache'}", shapes.label, n,
+        note = f"{tokens} tokens generated"
+        if key in compile_seconds:
+            note += f"; its first call (compiling) took {compile_seconds[key]:.0f} s"
+            if produced[key] != produced[f"{n}-cache"]:
+                bench.notes.append(f"compiled decoding gave other tokens than the eager decoder ({shapes.label}, "
+                                   f"batch {n})")
+        out = row(bench, COMPILED_GROUP if compiled else GROUP, f"{kind}, {MODES[mode]}", shapes.label, n,
                   f"prompt {prompt} tokens (Q={vlm.qformer.num_queries} image slots) + {new_tokens} new", timing,
-                  items=n, item="images", note=f"{tokens} tokens generated")
+                  items=n, item="images", note=note)
         out["tokens_per_s"] = round(tokens / timing.median, 1)
         out["ms_per_image"] = round(out["ms"] / n, 1)
-    if not without_cache:
-        return {}
-    return {"latency": timings["1-False"].median / timings["1-True"].median,
-            "batched": timings[f"{batch_size}-False"].median / timings[f"{batch_size}-True"].median}
+    ratios = {}
+    if compiled:
+        ratios["compiled_latency"] = timings["1-cache"].median / timings["1-compiled"].median
+        ratios["compiled_batched"] = timings[f"{batch_size}-cache"].median / timings[f"{batch_size}-compiled"].median
+        ratios["compile_seconds"] = round(sum(compile_seconds.values()), 1)
+    if without_cache:
+        ratios["latency"] = timings["1-nocache"].median / timings["1-cache"].median
+        ratios["batched"] = timings[f"{batch_size}-nocache"].median / timings[f"{batch_size}-cache"].median
+    return ratios
 
 
 def describe_prompt_len(vlm) -> int:

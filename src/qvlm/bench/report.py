@@ -20,6 +20,8 @@ RATIO_MEANING = {
     "shared_prefix_stage2": "stage-2 step, LoRA from the image on: whole rows / shared prompt prefix run once",
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
+    "compiled_decoding_generation": "caption latency (1 image): KV cache / KV cache with compiled decoding steps",
+    "compiled_decoding_generation_batched": "batched captions: KV cache / KV cache with compiled decoding steps",
     "compile_stage1": "stage-1 step: eager / torch.compile'd Q-Former",
     "compile_stage2": "stage-2 step: eager / torch.compile'd Q-Former and LLM (GPUs only)",
     "fused_vs_foreach_adamw": "AdamW step: foreach / fused",

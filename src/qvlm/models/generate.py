@@ -153,7 +153,7 @@ class _Decoder:
         config = lm.base_model().config
         self.static_len = static_len
         if static_len and static_len < attention_mask.shape[1]:
-            raise ValueError(f"a static cache of {static_len} slots cannot hold a {attention_mask.shape[1]}-token prompt")
+            raise ValueError(f"a static cache of {static_len} slots cannot hold {attention_mask.shape[1]} prompt tokens")
         self.cache = (None if not use_cache else StaticCache(config=config, max_cache_len=static_len) if static_len
                       else DynamicCache(config=config))
         self.step_model = lm.compiled_model() if static_len else lm.model

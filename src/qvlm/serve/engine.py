@@ -97,7 +97,7 @@ class TextStream:
 
 
 class Engine:
-    def __init__(self, vlm, model_id: str, limits: Limits | None = None):
+    def __init__(self, vlm, model_id: str, limits: Limits | None = None, compile: bool = False):
         if vlm.llm is None or vlm.projector is None:
             raise ValueError("serving needs a stage-2 model (with an LLM and a projector)")
         self.vlm = vlm.eval()
@@ -109,17 +109,33 @@ class Engine:
         self.eos = end_of_turn_ids(self.tokenizer)
         self.device = next(vlm.qformer.parameters()).device
         self.context = getattr(vlm.llm.base_model().config, "max_position_embeddings", None)
+        self.compile = compile  # decoding steps through the LLM's compiled forward (GenerationConfig.compile)
 
     @classmethod
     def load(cls, path: str | Path, limits: Limits | None = None, model_id: str | None = None,
-             device: str = "cpu") -> "Engine":
+             device: str = "cpu", compile: bool = False) -> "Engine":
         from qvlm.models.vlm import VLM
 
         path = Path(path)
         if not (path / "projector.safetensors").is_file():
             raise ValueError(f"{path} is not a stage-2 model folder (no projector.safetensors)")
         vlm = VLM.from_pretrained(path, with_llm=True).to(device)
-        return cls(vlm, model_id or path.resolve().name, limits)
+        return cls(vlm, model_id or path.resolve().name, limits, compile=compile)
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """With ``compile``: generate once for a blank image, so the decoding step is compiled before
+        the first request (which would otherwise wait for it). Returns the seconds it took."""
+        from PIL import Image
+
+        from qvlm.inference import describe_embeds
+
+        start = time.perf_counter()
+        if self.compile:
+            pixels = self.vlm.vision.processor([Image.new("RGB", (64, 64))]).to(self.device)  # resized to the tower's
+            gen = GenerationConfig(max_new_tokens=2, compile=True)
+            describe_embeds(self.vlm, self.vlm.image_features(pixels), gen=gen)
+        return time.perf_counter() - start
 
     # ---- request threads -----------------------------------------------------------------
 
@@ -158,7 +174,7 @@ class Engine:
         sample = req.temperature > 0
         return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample,
                                 temperature=req.temperature if sample else 1.0, top_p=req.top_p if sample else 1.0,
-                                seed=req.seed)
+                                seed=req.seed, compile=self.compile)
 
     # ---- the worker thread ---------------------------------------------------------------
 
