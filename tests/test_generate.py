@@ -334,9 +334,9 @@ def test_static_cache_length_is_a_power_of_two_from_64():
 def test_compiled_decoding_gives_the_eager_tokens(batch):
     """compile=True: a static cache and one compiled forward for every decoding step. Same tokens as
     the eager decoder with a dynamic cache, for a left-padded batch with "from_image" adapters
-    (their position mask is read inside the compiled graph), greedy and beam search (the static
-    cache reordered in place); the steps do not recompile, and the compiled model stays out of the
-    state dict."""
+    (their position mask is an input of the compiled graph: the same graph then runs a text-only
+    batch with the adapters off), greedy and beam search (the static cache reordered in place); the
+    steps do not recompile, and the compiled model stays out of the state dict."""
     model = position_limited_vlm("from_image")
     keys = set(model.state_dict())
     eager = {k: run(model, batch, max_new_tokens=10, num_beams=k) for k in (1, 3)}
@@ -345,6 +345,14 @@ def test_compiled_decoding_gives_the_eager_tokens(batch):
     greedy = run(model, batch, max_new_tokens=10, compile=True)
     assert greedy == eager[1]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # ten steps, one graph
+    # the same shapes without an image: the adapters act nowhere now (the mask is an input, not baked in)
+    lm, (_, ids, attn, _, _) = model.llm, batch
+    text_only = {c: generate(lm, lm.embed(ids), attn, lm.tokenizer, GenerationConfig(max_new_tokens=10, compile=c))
+                 for c in (False, True)}
+    assert text_only[True] == text_only[False]
+    adapted = generate(lm, lm.embed(ids), attn, lm.tokenizer, GenerationConfig(max_new_tokens=10),
+                       lora_mask=torch.ones_like(ids, dtype=torch.bool))
+    assert adapted.token_ids != text_only[False].token_ids  # where the adapters act matters here
     assert run(model, batch, max_new_tokens=10, num_beams=3, compile=True) == eager[3]
     assert set(model.state_dict()) == keys
     assert eager[1].token_ids[0] != eager[1].token_ids[1]

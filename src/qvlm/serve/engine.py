@@ -124,17 +124,31 @@ class Engine:
 
     @torch.no_grad()
     def warm_up(self) -> float:
-        """With ``compile``: generate once for a blank image, so the decoding step is compiled before
-        the first request (which would otherwise wait for it). Returns the seconds it took."""
+        """With ``compile``: one request for a blank image with the default answer budget (so its
+        static cache has the length most requests get), stopped after its first compiled step, so
+        the decoding step is compiled before the first client waits for it. Other batch sizes and
+        cache lengths compile once more when they first come (then with dynamic shapes, which
+        serve every later size). Returns the seconds it took."""
         from PIL import Image
 
-        from qvlm.inference import describe_embeds
+        from qvlm.inference import default_prompts, prompt_batch
 
         start = time.perf_counter()
         if self.compile:
             pixels = self.vlm.vision.processor([Image.new("RGB", (64, 64))]).to(self.device)  # resized to the tower's
-            gen = GenerationConfig(max_new_tokens=2, compile=True)
-            describe_embeds(self.vlm, self.vlm.image_features(pixels), gen=gen)
+            system, user = default_prompts(self.vlm)
+            ids, mask, image_mask = (t.to(self.device) for t in prompt_batch(self.vlm, [user], system))
+            budget = self.limits.max_tokens if self.context is None else min(self.limits.max_tokens,
+                                                                             self.context - ids.shape[1])
+            steps: list[int] = []
+
+            def after_one_compiled_step(rows: list[list[int]], reasons: list[str | None]) -> dict[int, str]:
+                steps.append(len(rows[0]))  # called after the prefill's token, then after each step's
+                return {0: "stop"} if len(steps) > 1 else {}
+
+            generate_from_images(self.vlm, self.vlm.image_features(pixels), ids, mask, image_mask,
+                                 GenerationConfig(max_new_tokens=max(budget, 2), compile=True),
+                                 on_step=after_one_compiled_step)
         return time.perf_counter() - start
 
     # ---- request threads -----------------------------------------------------------------
