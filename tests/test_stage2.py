@@ -99,11 +99,19 @@ def test_caption_and_chat_cli(stage2_model, tmp_path, capsys):
 
 
 def test_eval_caption_cli(stage2_model, capsys):
-    assert main(["eval", "caption", "--model", str(stage2_model / "model"), "--max-samples", "4", "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    """Also with --compile (compiled decoding: it compiles a graph): the same captions, so the same metrics."""
+    runs, graphs = [], []
+    for flags in ([], ["--compile"]):
+        assert main(["eval", "caption", "--model", str(stage2_model / "model"), "--max-samples", "4", "--json",
+                     *flags]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] > graphs[0]
+    metrics = runs[0]
     for key in ("bleu4", "rouge_l", "cider", "color_shape_acc", "count_acc", "exact_match"):
         assert key in metrics
     assert metrics["n"] == 4
+    assert runs[1] == metrics
 
 
 def test_stage2_loss_equals_full_logits_loss(stage2_model):

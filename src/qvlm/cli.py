@@ -100,7 +100,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "caption":
         from qvlm.eval.stage2 import evaluate_captions
 
-        metrics, _ = evaluate_captions(model, cfg, source=args.data, split=args.split, progress=not args.json)
+        metrics, _ = evaluate_captions(model, cfg, source=args.data, split=args.split, progress=not args.json,
+                                       compile=args.compile)
     elif args.task == "retention":
         from qvlm.eval.retention import retention_report
 
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="evaluate on at most this many records")
     p.add_argument("--classes", default="", help="classify: comma-separated class names, e.g. circle,square,triangle")
     p.add_argument("--template", default="a photo of a {}", help="classify: prompt with {} for the class name")
+    p.add_argument("--compile", action="store_true", help="caption, stage-2 models: " + COMPILE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
