@@ -72,7 +72,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
             note += f"; its first call (compiling) took {compile_seconds[key]:.0f} s"
             if produced[key] != produced[f"{n}-cache"]:
                 bench.notes.append(f"compiled decoding gave other tokens than the eager decoder ({shapes.label}, "
-                                   f"batch {n})")
+                                   f"batch {n}, {bench.precision_label}; in bf16 a near-tie may flip a token)")
         out = row(bench, COMPILED_GROUP if compiled else GROUP, f"{kind}, {MODES[mode]}", shapes.label, n,
                   f"prompt {prompt} tokens (Q={vlm.qformer.num_queries} image slots) + {new_tokens} new", timing,
                   items=n, item="images", note=note)

@@ -14,7 +14,7 @@ whole sequence is recomputed every step. Both paths share one loop and give the 
 Compiled decoding (``compile=True``): the cache is a ``transformers.StaticCache`` whose length is
 rounded up to a power of two (``static_cache_length``), so every decoding step has the same shapes
 and runs one ``torch.compile``'d forward of the LLM (``LanguageModel.compiled_model``; CUDA graphs on
-a GPU). The prompt's prefill stays eager. The first call compiles (tens of seconds); later calls
+a GPU). The prompt's prefill stays eager. The first call compiles (a minute or more); later calls
 reuse it, so it pays off in a server or a long captioning run, not for one short caption.
 
 Streaming: greedy/sampling accept ``on_step(ids, reasons)``, called after every step with each
