@@ -336,7 +336,8 @@ def test_compiled_decoding_gives_the_eager_tokens(batch):
     the eager decoder with a dynamic cache, for a left-padded batch with "from_image" adapters
     (their position mask is an input of the compiled graph: the same graph then runs a text-only
     batch with the adapters off), greedy and beam search (the static cache reordered in place); the
-    steps do not recompile, and the compiled model stays out of the state dict."""
+    steps do not recompile, and the compiled model stays out of the state dict. (fp32: in bf16 the
+    static cache's padded slots change the attention's shapes and rounding, so near-ties may flip.)"""
     model = position_limited_vlm("from_image")
     keys = set(model.state_dict())
     eager = {k: run(model, batch, max_new_tokens=10, num_beams=k) for k in (1, 3)}

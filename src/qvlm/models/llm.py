@@ -47,7 +47,7 @@ class LanguageModel(nn.Module):
         self.lora_scope = "all"  # lora.positions: "all", "image" or "from_image"; see lora_positions
         self._lora_mask: Tensor | None = None  # (B, T) bool while inside lora_positions(mask)
         self._frozen_copies: tuple | None = None  # (dtype, [(Linear, weight copy)]): frozen_linears_as
-        self._compiled: dict[str, Any] = {}  # torch.compile mode -> compiled ``self.model`` (compiled_model)
+        self._compiled: dict[bool, Any] = {}  # CUDA graphs or not -> compiled ``self.model`` (compiled_model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -163,17 +163,20 @@ class LanguageModel(nn.Module):
                          use_cache=use_cache, **kwargs)
         return LMOutput(logits=out.logits, loss=out.loss, past_key_values=getattr(out, "past_key_values", None))
 
-    def compiled_model(self, mode: str | None = None) -> Any:
+    def compiled_model(self, cuda_graphs: bool | None = None) -> Any:
         """``torch.compile(self.model)`` for decoding steps (``GenerationConfig.compile``), made once per
-        ``mode`` and kept outside the module tree (so it adds nothing to ``state_dict``). It reads the
-        same parameters, so trained adapters need no recompiling. ``mode`` None: "reduce-overhead"
-        (CUDA graphs) on a GPU, the default elsewhere."""
-        if mode is None:
-            device = self.model.get_input_embeddings().weight.device
-            mode = "reduce-overhead" if device.type == "cuda" else "default"
-        if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(self.model, mode=mode)
-        return self._compiled[mode]
+        setting and kept outside the module tree (so it adds nothing to ``state_dict``). It reads the
+        same parameters, so trained adapters need no recompiling. ``cuda_graphs`` (None: on a GPU)
+        replays each step as a CUDA graph, as ``mode="reduce-overhead"`` does. Inductor rounds to the
+        low precision wherever eager PyTorch would (``emulate_precision_casts``): under bf16 autocast
+        it would otherwise keep some intermediates in fp32, and a near-tie could then pick another
+        token than the eager decoder."""
+        if cuda_graphs is None:
+            cuda_graphs = self.model.get_input_embeddings().weight.device.type == "cuda"
+        if cuda_graphs not in self._compiled:
+            options = {"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs}
+            self._compiled[cuda_graphs] = torch.compile(self.model, options=options)
+        return self._compiled[cuda_graphs]
 
     def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, prefix: int = 0) -> Tensor:
         """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm).
