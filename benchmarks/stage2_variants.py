@@ -31,7 +31,7 @@ from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer
 from qvlm.bench.shapes import SHAPES
-from qvlm.bench.stage2 import stage2_batch
+from qvlm.bench.stage2 import flops_of, stage2_batch
 from qvlm.bench.timing import device_time, synchronizer, time_one
 from qvlm.train.loop import frozen_weights
 from qvlm.train.speed import compile_layers
@@ -102,7 +102,7 @@ def measure(v: Variant, trainer, files: SceneFiles, bench: Bench, steps: int, pe
     supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
     real = int(batch["attention_mask"].sum())
     n_img = batch["image_embeds"].shape[1]
-    flops_real = FL.step_flops(FL.stage2_groups(model, b, real, supervised, n_img))
+    flops_real = flops_of(trainer, batch)  # the basis qvlm bench uses: the LLM over the real tokens
     flops_padded = FL.step_flops(FL.stage2_groups(model, b, b * t, supervised, n_img))
     sync = synchronizer(bench.device)
     with attention_backend(v.sdpa):

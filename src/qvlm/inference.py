@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from qvlm.models.generate import GenerationConfig, GenerationOutput, generate_from_images, pad_left
+from qvlm.models.generate import GenerationConfig, GenerationOutput, StepCallback, generate_from_images, pad_left
 from qvlm.prompt import build_example
 
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
@@ -29,6 +29,12 @@ def default_prompts(vlm) -> tuple[str | None, str]:
     return (llm_cfg.system_prompts[0] if llm_cfg.system_prompts else None), llm_cfg.user_prompts[0]
 
 
+def default_prompt_len(vlm) -> int:
+    """Tokens of the default generation prompt (chat template and image slots included)."""
+    system, user = default_prompts(vlm)
+    return int(prompt_batch(vlm, [user], system)[0].shape[1])
+
+
 def prompt_batch(vlm, users: list[str], system: str | None) -> tuple[Tensor, Tensor, Tensor]:
     """Left-padded generation prompts (B, T) with each row's Q image slots marked in image_mask."""
     tok = vlm.llm.tokenizer
@@ -40,8 +46,9 @@ def prompt_batch(vlm, users: list[str], system: str | None) -> tuple[Tensor, Ten
 
 @torch.no_grad()
 def describe_embeds(vlm, image_embeds: Tensor, prompts: list[str] | None = None, system: str | None = None,
-                    gen: GenerationConfig | None = None) -> GenerationOutput:
-    """Frozen features (B, N, Dv) -> one answer per image (to ``prompts``, default: the first user prompt)."""
+                    gen: GenerationConfig | None = None, on_step: StepCallback | None = None) -> GenerationOutput:
+    """Frozen features (B, N, Dv) -> one answer per image (to ``prompts``, default: the first user
+    prompt); ``on_step``: see ``qvlm.models.generate``."""
     sys_default, user_default = default_prompts(vlm)
     users = prompts or [user_default] * image_embeds.shape[0]
     if len(users) != image_embeds.shape[0]:
@@ -49,7 +56,8 @@ def describe_embeds(vlm, image_embeds: Tensor, prompts: list[str] | None = None,
     ids, mask, image_mask = prompt_batch(vlm, users, system if system is not None else sys_default)
     device = image_embeds.device
     return generate_from_images(vlm, image_embeds, ids.to(device), mask.to(device), image_mask.to(device),
-                                gen or GenerationConfig(), eos_token_ids=end_of_turn_ids(vlm.llm.tokenizer))
+                                gen or GenerationConfig(), eos_token_ids=end_of_turn_ids(vlm.llm.tokenizer),
+                                on_step=on_step)
 
 
 @torch.no_grad()

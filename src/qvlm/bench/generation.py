@@ -29,7 +29,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
     own (``qvlm bench --sections decode``), so the eager rows there do not repeat the plain ones."""
     import time
 
-    from qvlm.inference import describe_embeds
+    from qvlm.inference import default_prompt_len, describe_embeds
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
@@ -61,7 +61,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         variants[key]()
         compile_seconds[key] = time.perf_counter() - start
     timings = bench.time(variants)
-    prompt = describe_prompt_len(vlm)
+    prompt = default_prompt_len(vlm)
     for key, timing in timings.items():
         n, mode = key.split("-")
         n = int(n)
@@ -88,10 +88,3 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         ratios["batched"] = timings[f"{batch_size}-nocache"].median / timings[f"{batch_size}-cache"].median
     return ratios
 
-
-def describe_prompt_len(vlm) -> int:
-    from qvlm.inference import default_prompts, prompt_batch
-
-    system, user = default_prompts(vlm)
-    ids, _, _ = prompt_batch(vlm, [user], system)
-    return int(ids.shape[1])

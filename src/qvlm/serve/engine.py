@@ -131,25 +131,26 @@ class Engine:
         serve every later size). Returns the seconds it took."""
         from PIL import Image
 
-        from qvlm.inference import default_prompts, prompt_batch
+        from qvlm.inference import default_prompt_len, describe_embeds
 
         start = time.perf_counter()
         if self.compile:
             pixels = self.vlm.vision.processor([Image.new("RGB", (64, 64))]).to(self.device)  # resized to the tower's
-            system, user = default_prompts(self.vlm)
-            ids, mask, image_mask = (t.to(self.device) for t in prompt_batch(self.vlm, [user], system))
-            budget = self.limits.max_tokens if self.context is None else min(self.limits.max_tokens,
-                                                                             self.context - ids.shape[1])
             steps: list[int] = []
 
             def after_one_compiled_step(rows: list[list[int]], reasons: list[str | None]) -> dict[int, str]:
                 steps.append(len(rows[0]))  # called after the prefill's token, then after each step's
                 return {0: "stop"} if len(steps) > 1 else {}
 
-            generate_from_images(self.vlm, self.vlm.image_features(pixels), ids, mask, image_mask,
-                                 GenerationConfig(max_new_tokens=max(budget, 2), compile=True),
-                                 on_step=after_one_compiled_step)
+            gen = GenerationConfig(max_new_tokens=max(self.answer_room(default_prompt_len(self.vlm)), 2), compile=True)
+            describe_embeds(self.vlm, self.vlm.image_features(pixels), gen=gen, on_step=after_one_compiled_step)
         return time.perf_counter() - start
+
+    def answer_room(self, prompt_tokens: int) -> int:
+        """The most new tokens a prompt of this length may get: ``limits.max_tokens``, capped by the
+        LLM's context."""
+        lim = self.limits.max_tokens
+        return lim if self.context is None else min(lim, self.context - prompt_tokens)
 
     # ---- request threads -----------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class Engine:
         if n > lim.max_prompt_tokens:
             raise too_many_tokens(f"the prompt is {n} tokens (chat template and {self.vlm.qformer.num_queries} "
                                   f"image slots included); this server takes at most {lim.max_prompt_tokens}")
-        room = lim.max_tokens if self.context is None else min(lim.max_tokens, self.context - n)
+        room = self.answer_room(n)
         if room < 1:
             raise too_many_tokens(f"the prompt is {n} tokens and fills the model's context of {self.context}")
         if req.max_tokens is not None and req.max_tokens > room:
