@@ -7,7 +7,10 @@
 #    SDPA backends, the shared prefix, a bf16 residual stream) until its share of the time runs out;
 # 2. the fastest settings measured so far at batch 1024, with the collator's positions and with
 #    them found on the device;
-# 3. a kernel profile of that batch-1024 step (benchmarks/profile_step.py).
+# 3. a kernel profile of that batch-1024 step (benchmarks/profile_step.py);
+# 4. a kernel profile of the stage-1 step (eager, batch 256) with its host-device syncs counted:
+#    the step should make none now; the sixth session's profile (236.9 ms a step, 212.8 ms of
+#    kernels) is the reference. The last QVLM_GPU_STAGE1_S seconds (default 90) are kept for it.
 # Reports go to ${OUT:-benchmarks}/gpu_stage2_*.{json,txt}. Needs a CUDA torch and qvlm's libraries
 # (run benchmarks/gpu.sh first on a bare machine: it installs what is missing); the tokenizers come
 # from .gpu/tok when it exists (python benchmarks/write_tokenizers.py .gpu/tok), else from the two
@@ -27,15 +30,17 @@ OUT_DIR=${OUT:-benchmarks}
 BUDGET=${QVLM_GPU_BUDGET_S:-480}
 SHAPES=${QVLM_GPU_SHAPES:-real}
 BATCH=${QVLM_GPU_BATCH:-512}
+STAGE1_S=${QVLM_GPU_STAGE1_S:-90}
+STAGE1_BATCH=${QVLM_GPU_STAGE1_BATCH:-256}
 mkdir -p "$OUT_DIR"
 start=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+left() { echo $(( BUDGET - STAGE1_S - ($(date +%s) - start) )); }
 BEST="compiled, causal, LoRA dropout 0"
 status=0
 
 echo "gpu_stage2.sh: variants at batch $BATCH ($SHAPES shapes)"
-timeout $(( BUDGET * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch "$BATCH" \
-  --budget-s $(( BUDGET * 40 / 100 )) --json-out "$OUT_DIR/gpu_stage2_variants_b$BATCH.json" || status=$?
+timeout $(( (BUDGET - STAGE1_S) * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch "$BATCH" \
+  --budget-s $(( (BUDGET - STAGE1_S) * 40 / 100 )) --json-out "$OUT_DIR/gpu_stage2_variants_b$BATCH.json" || status=$?
 
 echo "gpu_stage2.sh: the fastest settings at batch $(( 2 * BATCH )), $(left) s left"
 timeout $(( $(left) * 50 / 100 )) "$PY" benchmarks/stage2_variants.py --shapes "$SHAPES" --batch $(( 2 * BATCH )) \
@@ -47,5 +52,10 @@ timeout $(( $(left) > 30 ? $(left) : 30 )) "$PY" benchmarks/profile_step.py --sh
   --batch $(( 2 * BATCH )) --compile --set model.llm.lora.dropout=0 --rows 30 \
   > "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" || status=$?
 head -40 "$OUT_DIR/gpu_stage2_profile_b$(( 2 * BATCH )).txt" || true
+
+echo "gpu_stage2.sh: stage-1 kernel profile and host syncs at batch $STAGE1_BATCH, $(( $(left) + STAGE1_S )) s left"
+timeout $(( $(left) + STAGE1_S > 30 ? $(left) + STAGE1_S : 30 )) "$PY" benchmarks/profile_step.py --stage 1 \
+  --shapes "$SHAPES" --batch "$STAGE1_BATCH" --rows 20 > "$OUT_DIR/gpu_stage1_profile_b$STAGE1_BATCH.txt" || status=$?
+head -16 "$OUT_DIR/gpu_stage1_profile_b$STAGE1_BATCH.txt" || true
 echo "gpu_stage2.sh: done in $(( $(date +%s) - start )) s (exit $status)"
 exit $status

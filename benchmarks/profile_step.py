@@ -1,7 +1,9 @@
 """Where one train step's device time goes: ``python benchmarks/profile_step.py [--stage 2] [--batch 256]
 [--compile] [--shapes real] [--set KEY=VALUE ...]`` prints the kernels (GPU) or operators (CPU)
 that take the most time in one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and
-the operators that launched them. For finding what to optimise; the speed claims themselves come from ``qvlm bench``.
+the operators that launched them. On a GPU it also counts the step's host-device syncs (PyTorch's
+sync debug mode: every operation that made the host wait for the GPU). For finding what to optimise;
+the speed claims themselves come from ``qvlm bench``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,6 +37,24 @@ def top(averages, on_device: bool, key: str, n: int) -> str:
         value = getattr(e, key)
         lines.append(f"  {value / 1000:8.2f} {100 * value / total:5.1f}% {e.count:6d}  {e.key[:110]}")
     return "\n".join(lines)
+
+
+def host_syncs(step, device: torch.device) -> Counter | None:
+    """One call of ``step`` under ``torch.cuda.set_sync_debug_mode("warn")``: how many times each
+    synchronising operation made the host wait for the GPU, by where Python called it and the warning's
+    first line. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:90]}"
+                   for w in caught if "synchroniz" in str(w.message))
 
 
 def bf16_residual(model) -> None:
@@ -94,6 +116,7 @@ def main() -> None:
         with torch.no_grad(), bench.autocast(), frozen_weights(trainer.model, bench.bf16):
             loss = float(step_losses(trainer.model, batch, trainer.cfg, generator=trainer.generator,
                                      dec_token_id=trainer.dec_token_id)["loss"])
+        syncs = host_syncs(lambda: trainer.step(batch), device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             trainer.step(batch)
@@ -106,6 +129,10 @@ def main() -> None:
     extras = [name for name, on in flags if on]
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
+    if syncs is not None:
+        print(f"host-device syncs in one step: {sum(syncs.values())}")
+        for message, count in syncs.most_common(8):
+            print(f"  {count:4d}  {message}")
     if device.type == "cuda":
         print(f"kernel time {kernel_totals(averages)['kernel_ms']:.1f} ms in the profiled step; top kernels:")
         print(top(averages, True, "self_device_time_total", args.rows))

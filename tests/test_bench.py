@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.timing import Timing, time_interleaved
 
@@ -98,11 +99,13 @@ def test_fused_stage1_step_equals_the_lavis_style_passes(tiny_cfg):
     mask[1, 6:] = 0
     batch = {"image_embeds": torch.randn(4, 17, 32, generator=g), "input_ids": ids, "attention_mask": mask}
     fused = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    positions = {**batch, "itg_positions": L.itg_positions(mask)}  # as the collator gives them
     for flags in [*PASS_VARIANTS.values(), (True, True)]:
-        plain = stage1_losses_passes(*flags)(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1),
-                                             dec_token_id=1)
-        for key in ("itc", "itm", "itg", "loss"):
-            assert torch.allclose(fused[key], plain[key], atol=1e-5), (flags, key)
+        for b in (batch, positions):
+            plain = stage1_losses_passes(*flags)(model, b, tiny_cfg, generator=torch.Generator().manual_seed(1),
+                                                 dec_token_id=1)
+            for key in ("itc", "itm", "itg", "loss"):
+                assert torch.allclose(fused[key], plain[key], atol=1e-5), (flags, key)
     fused["loss"].backward()
     grad = model.qformer.layers[0].cross_attn.key.weight.grad
     assert grad is not None and grad.abs().sum() > 0

@@ -31,6 +31,9 @@ def test_batch_shapes_and_dynamic_padding(tokenizer):
     assert batch["attention_mask"].sum(1).tolist() == [len(tokenizer(r["caption"])["input_ids"]) for r in items]
     assert batch["keys"] == [r["key"] for r in items] and batch["captions"] == [r["caption"] for r in items]
     assert torch.allclose(batch["pixel_values"][1], ImageProcessor(size=32)([items[1]["image"]])[0])
+    rows, cols = batch["itg_positions"]  # position t predicts token t + 1: every caption token after [CLS]
+    assert len(rows) == int(batch["attention_mask"][:, 1:].sum())
+    assert batch["attention_mask"][rows, cols + 1].all() and (cols + 1 < batch["attention_mask"].sum(1)[rows]).all()
 
 
 def test_pad_to_multiple(tokenizer):
@@ -61,6 +64,7 @@ def test_empty_batch(tokenizer):
     batch = Stage1Collator(ImageProcessor(size=16), tokenizer)([{"key": "x", "skip": "empty_file"}])
     assert batch["keys"] == [] and batch["pixel_values"].shape == (0, 3, 16, 16)
     assert batch["input_ids"].shape[0] == 0 and batch["skipped"] == {"empty_file": 1}
+    assert batch["itg_positions"].shape == (2, 0)
 
 
 def test_augment_is_opt_in_and_excludes_cache(tokenizer):

@@ -299,6 +299,13 @@ def test_itg_from_hidden_runs_the_head_on_caption_tokens_only_and_equals_itg_los
     assert out.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
     with pytest.raises(ValueError, match="no supervised tokens"):
         itg_loss_from_hidden(hidden, head, IDS, torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]]))
+    # the collator's positions (found on the CPU): the same loss and count, and the same error
+    positions = L.itg_positions(MASK)
+    assert positions.tolist() == [[0, 0, 0, 1], [0, 1, 2, 0]]
+    given = itg_loss_from_hidden(hidden, head, IDS, MASK, positions)
+    assert given.tokens.item() == 4 and given.loss.item() == pytest.approx(full.loss.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="no supervised tokens"):
+        itg_loss_from_hidden(hidden, head, IDS, MASK, positions[:, :0])
 
 
 def test_lm_loss_ignores_minus_100_and_matches_hand_value():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from qvlm.models.qformer import QFormer, QFormerOutput
+from qvlm.models.qformer import QFormer, QFormerOutput, attention_mask_for
 from qvlm.sources import load_model, resolve_package_path
 
 TINY = "random:bert?hidden_size=32&num_hidden_layers={layers}&num_attention_heads=2&intermediate_size=64" \
@@ -336,3 +336,16 @@ def test_cross_attention_qk_gain_scales_only_the_new_query_and_key_weights():
 
     with torch.no_grad():
         assert entropy(gained) < entropy(bert_init) - 0.1  # the queries start on distinct image tokens
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_text_mask_without_padding_equals_no_mask(qformer, mode):
+    """The mask is decided from shapes, never from the mask's values (that read would make the host
+    wait for the device): a text mask with no padding builds an all-visible mask, with the outputs of
+    no mask at all."""
+    image, ids, _ = make_inputs()
+    full = torch.ones_like(ids)
+    built = attention_mask_for(mode, Q, T, full, B, torch.device("cpu"))
+    assert built is not None and built.shape == (B, 1, Q + T, Q + T)
+    with_mask, without = qformer(image, ids, full, mode=mode), qformer(image, ids, None, mode=mode)
+    assert close(with_mask.query, without.query, atol=1e-5) and close(with_mask.text, without.text, atol=1e-5)

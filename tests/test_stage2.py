@@ -13,6 +13,7 @@ from qvlm.models.vlm import VLM
 from qvlm.train.loop import train
 
 from conftest import CONFIGS
+from sync_helpers import host_reads_in_qvlm
 
 
 @pytest.fixture(scope="module")
@@ -312,34 +313,6 @@ def test_right_padded_rows_train_without_the_padding_mask(positions):
     assert not torch.allclose(left_loss, causal[0], atol=1e-4)
 
 
-def _host_reads_in_qvlm(fn) -> list[str]:
-    """Run ``fn`` and list the operations qvlm's own code made that read a value back from the device
-    (``.item()``, ``bool()``, ``int()``: ``_local_scalar_dense``) or need a count from it (``nonzero``,
-    indexing by a boolean mask): on a GPU each makes the host wait for every queued kernel."""
-    import traceback
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    found: list[str] = []
-
-    def by_mask(args) -> bool:
-        return any(isinstance(a, (list, tuple)) and any(torch.is_tensor(t) and t.dtype == torch.bool for t in a)
-                   for a in args)
-
-    class Reads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if "_local_scalar_dense" in name or "nonzero" in name or ("index" in name and by_mask(args)):
-                caller = [f for f in traceback.extract_stack() if "/torch/" not in f.filename][-2]
-                if "/qvlm/" in caller.filename:
-                    found.append(f"{name} at {caller.filename.rsplit('/', 1)[-1]}:{caller.lineno}")
-            return func(*args, **(kwargs or {}))
-
-    with Reads():
-        fn()
-    return found
-
-
 @pytest.mark.parametrize("positions", ["all", "from_image"])
 def test_stage2_step_reads_nothing_back_from_the_device(positions):
     """With the collator's image and label positions (found on the CPU), the stage-2 loss and its
@@ -352,9 +325,9 @@ def test_stage2_step_reads_nothing_back_from_the_device(positions):
     def run(b: dict, key: str):
         results[key] = _loss_and_grads(model, b, cfg)
 
-    assert _host_reads_in_qvlm(lambda: run(batch, "index")) == []
+    assert host_reads_in_qvlm(lambda: run(batch, "index")) == []
     on_device = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
-    assert len(_host_reads_in_qvlm(lambda: run(on_device, "device"))) >= 3  # the check, the count, the gather
+    assert len(host_reads_in_qvlm(lambda: run(on_device, "device"))) >= 3  # the check, the count, the gather
     _assert_same(results["index"], results["device"], atol=1e-6, rtol=1e-5)
     embeds, tokens = model.llm.embed(batch["input_ids"]), torch.zeros(5, cfg.model.qformer.num_queries, 32)
     with pytest.raises(ValueError, match="image_positions"):  # positions of another batch

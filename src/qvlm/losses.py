@@ -183,12 +183,20 @@ def sample_hard_negatives(
 
 
 def _draw(weights: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One column per row, ∝ ``weights`` (B, C) -> (B,) on the weights' device. Drawn where the
-    generator lives (a CPU generator with CUDA weights: on the CPU), so the draw is the same on
-    every device for the same generator state."""
+    """One column per row, ∝ ``weights`` (B, C) -> (B,) on the weights' device, by the Gumbel-max
+    trick: the argmax of log(weights) + G, G standard Gumbel noise, is column j with probability
+    weights[j] / sum(weights). The noise is drawn where ``generator`` lives (a CPU generator with CUDA
+    weights: on the CPU, then copied without waiting) and depends on nothing the device computed, so
+    the draw never makes the host wait for the device, and it is the same on every device for the
+    same generator state."""
     where = generator.device if generator is not None else weights.device
-    idx = torch.multinomial(weights.float().to(where), 1, generator=generator)
-    return idx.squeeze(1).to(weights.device)
+    u = torch.rand(weights.shape, generator=generator, device=where, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float64).tiny))).float()  # (B, C)
+    if gumbel.device != weights.device:
+        if weights.device.type == "cuda":
+            gumbel = gumbel.pin_memory()  # page-locked: the copy below queues instead of waiting
+        gumbel = gumbel.to(weights.device, non_blocking=True)
+    return (weights.float().log() + gumbel).argmax(dim=1)  # weight 0: log = -inf, never drawn
 
 
 def itm_labels(batch_size: int, device: torch.device | str | None = None) -> Tensor:
@@ -234,11 +242,12 @@ def itg_loss(logits: Tensor, input_ids: Tensor, attention_mask: Tensor,
 
 
 def itg_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], input_ids: Tensor,
-                         attention_mask: Tensor) -> ItgOutput:
+                         attention_mask: Tensor, positions: Tensor | None = None) -> ItgOutput:
     """``itg_loss(head(hidden), input_ids, attention_mask)`` with ``head`` (the vocabulary
-    projection) run only on the positions that predict a caption token (``lm_loss_from_hidden``)."""
+    projection) run only on the positions that predict a caption token (``lm_loss_from_hidden``);
+    ``positions`` (2, S): their rows and columns when known beforehand (``itg_positions``)."""
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, T)
-    out = lm_loss_from_hidden(hidden, head, labels)
+    out = lm_loss_from_hidden(hidden, head, labels, positions)
     return ItgOutput(loss=out.loss, tokens=out.tokens)
 
 
@@ -252,11 +261,20 @@ def lm_loss_from_hidden(hidden: Tensor, head: Callable[[Tensor], Tensor], labels
     if positions is None:  # found here, on the device
         supervised, tokens = supervised_positions(labels)
         positions = supervised.nonzero().T  # (2, S)
+    elif positions.shape[1] == 0:  # counted on the host
+        raise ValueError("batch has no supervised tokens")
     else:
         tokens = torch.full((), positions.shape[1], dtype=torch.long, device=labels.device)
     rows, cols = positions
     logits = head(hidden[rows, cols])  # (S, V)
     return LmOutput(loss=F.cross_entropy(logits.float(), labels[rows, cols + 1]), tokens=tokens)
+
+
+def itg_positions(attention_mask: Tensor) -> Tensor:
+    """(2, S) rows and columns of the positions that predict a caption token under ``itg_loss``
+    (position t predicts token t + 1, which is not padding). A data loader finds them on the CPU
+    and hands them to the step, which then gathers by index without waiting for the device."""
+    return (attention_mask[:, 1:] != 0).nonzero().T.contiguous()
 
 
 def supervised_positions(labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,7 @@ from qvlm.bench.harness import (Bench, SceneFiles, Trainer, build_trainer, fixed
                                 stage1_collator, to_device)
 from qvlm.bench.shapes import Shapes
 from qvlm.bench.timing import synchronizer
-from qvlm.models.stage1 import decoder_input_ids
+from qvlm.models.stage1 import decoder_input_ids, same_rows
 
 GROUP = "stage-1 train step"
 
@@ -81,7 +81,10 @@ def stage1_losses_passes(fused_pass: bool, shared_kv: bool):
     ``fused_pass=False`` runs the queries alone (their keys/values cached for ITG, as LAVIS does)
     and the text alone instead of one unimodal pass; ``shared_kv=False`` re-encodes the ITM pairs'
     images [images, images, negative images] instead of reusing the ITC pass's image keys/values.
-    Both off are the passes of LAVIS ``Blip2Qformer.forward``. Single process only."""
+    Both off are the passes of LAVIS ``Blip2Qformer.forward``. Everything else is the library's:
+    the same hard-negative draw, ITG's vocabulary head at the caption positions only (the
+    collator's ``itg_positions``), nothing read back from the device; so the variants differ in
+    their passes alone. Single process only."""
 
     def losses(model, batch: dict, cfg, generator=None, dec_token_id: int | None = None) -> dict:
         qf, heads, weights = model.qformer, model.heads, cfg.train.losses
@@ -98,16 +101,16 @@ def stage1_losses_passes(fused_pass: bool, shared_kv: bool):
         terms = {"itc": itc.loss, "itc_acc": (itc.i2t_acc + itc.t2i_acc) / 2}
         b = image.shape[0]
         own = torch.arange(b, device=image.device)
-        neg = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, own, generator=generator)
+        neg = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, own, generator=generator, same=same_rows(ids * mask))
         rows = torch.cat([own, own, neg.image_idx])  # images of the 3B pairs
         pair_kv = image_kv.select(rows) if shared_kv else qf.encode_image(image[rows])
         query = qf(image_kv=pair_kv, input_ids=torch.cat([ids, ids[neg.text_idx], ids]),
                    attention_mask=torch.cat([mask, mask[neg.text_idx], mask]), mode="bidirectional").query
-        itm = L.itm_loss(L.itm_logits_from_queries(heads.itm_head(query)), L.itm_labels(b).to(image.device))
+        itm = L.itm_loss(L.itm_logits_from_queries(heads.itm_head(query)), L.itm_labels(b, image.device))
         terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
         dec = decoder_input_ids(ids, dec_token_id)
         out = qf(input_ids=dec, attention_mask=mask, query_cache=cache, mode="causal").text
-        terms["itg"] = L.itg_loss(heads.lm_head(out), dec, mask).loss
+        terms["itg"] = L.itg_loss_from_hidden(out, heads.lm_head, dec, mask, batch.get("itg_positions")).loss
         return L.combine(terms, weights)
 
     return losses

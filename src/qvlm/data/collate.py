@@ -5,7 +5,9 @@
 tokenises captions with dynamic padding to the longest caption in the batch (rounded up to
 ``pad_to_multiple_of``, masked), cut at ``max_text_len`` tokens. With a feature cache it returns
 ``image_embeds`` (B, N, Dv) looked up by ``image_id`` instead of ``pixel_values`` (B, 3, H, W); a
-record missing from the cache is skipped as ``not_in_cache``. A batch may come out empty (every item
+record missing from the cache is skipped as ``not_in_cache``. ``itg_positions`` (2, S) are the rows
+and columns that predict a caption token, found here on the CPU so the training step need not ask
+the device. A batch may come out empty (every item
 skipped): ``len(batch["keys"]) == 0``.
 
 Augmentation (``Augment``: random resized crop, optional horizontal flip) is off by default: on the
@@ -27,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from qvlm.cache import AUGMENT_AND_CACHE
+from qvlm.losses import itg_positions
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,8 @@ def round_up(n: int, multiple: int) -> int:
 
 
 class Stage1Collator:
-    """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "captions", "keys", ...}."""
+    """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "itg_positions",
+    "captions", "keys", ...}."""
 
     def __init__(self, processor=None, tokenizer=None, max_text_len: int = 32, augment: Augment | None = None,
                  features=None, feature_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 1):
@@ -116,7 +120,8 @@ class Stage1Collator:
     def tokenize(self, captions: list[str]) -> dict:
         if not captions:
             empty = torch.zeros((0, 0), dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty.clone()}
+            return {"input_ids": empty, "attention_mask": empty.clone(),
+                    "itg_positions": torch.zeros((2, 0), dtype=torch.long)}
         enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) each
@@ -125,7 +130,7 @@ class Stage1Collator:
             pad_id = self.tokenizer.pad_token_id or 0
             ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
             mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=0)
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "itg_positions": itg_positions(mask)}
 
     def pixels(self, records: list[dict]) -> torch.Tensor:
         if not records:

@@ -184,15 +184,15 @@ def layout_mask(mode: str, q_len: int, t_len: int, device: torch.device) -> Tens
 
 def attention_mask_for(mode: str, q_len: int, t_len: int, text_mask: Tensor | None, batch: int,
                        device: torch.device) -> Tensor | None:
-    """(B, 1, Q+T, Q+T) bool SDPA mask: layout and text padding; None when everything is visible."""
+    """(B, 1, Q+T, Q+T) bool SDPA mask: layout and text padding; None when the layout hides nothing
+    and there is no text mask. Decided from shapes alone, never from the mask's values: reading them
+    would make the host wait for the device (a text mask without padding gives an all-True mask)."""
     full_layout = t_len == 0 or mode == "bidirectional" or (q_len == 0 and mode == "unimodal")
     if full_layout and (text_mask is None or t_len == 0):
-        return None  # decided without looking at the device (the queries alone, as in stage 2)
+        return None  # the queries alone, as in stage 2; or text with no mask
     keys = torch.ones(batch, q_len + t_len, dtype=torch.bool, device=device)
     if text_mask is not None:
         keys[:, q_len:] = text_mask.bool()  # padding is never a key
-    if full_layout and bool(keys.all()):
-        return None
     allowed = layout_mask(mode, q_len, t_len, device)[None] & keys[:, None, :]  # (B, Q+T, Q+T)
     allowed |= torch.eye(q_len + t_len, dtype=torch.bool, device=device)  # no empty row (NaN in some SDPA kernels)
     return allowed[:, None]

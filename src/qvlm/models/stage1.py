@@ -6,6 +6,11 @@ multimodal-causal layouts), so the image side is never recomputed for ITG. ITM n
 bidirectional layout and runs its own pass over positives and hard negatives mined from the ITC
 similarities; the images' cross-attention keys/values (``QFormer.encode_image``) are projected once
 and shared by both passes (only negatives gathered from other ranks are projected again). Gathering across ranks is injected (``gather``), never called from here.
+
+Nothing in the step reads a value back from the device (on a GPU each read makes the host wait for
+every queued kernel): the hard negatives are drawn with noise made beforehand (``losses._draw``),
+copies of a caption are found by comparing token rows (not ``torch.unique``, whose output size is
+read back), and the ITG positions come from the data loader (``itg_positions``).
 """
 
 from __future__ import annotations
@@ -73,8 +78,12 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
                   attention_mask: Tensor, weights: dict[str, float], dec_token_id: int,
                   gather: Gather | None = None, rank: int = 0,
                   generator: torch.Generator | None = None,
-                  sum_all: Callable[[Tensor], Tensor] | None = None, itm_fraction: float = 1.0) -> dict[str, Tensor]:
+                  sum_all: Callable[[Tensor], Tensor] | None = None, itm_fraction: float = 1.0,
+                  itg_positions: Tensor | None = None) -> dict[str, Tensor]:
     """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies.
+
+    ``itg_positions`` (2, S): ``losses.itg_positions(attention_mask)`` found on the CPU by the
+    collator; without them ITG finds its positions on the device (a host-device sync).
 
     ``itm_fraction`` < 1: ITM on the first ceil(fraction * B) pairs of this process's batch only
     (``itm_step``); ITC and ITG always use the whole batch.
@@ -103,7 +112,7 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
         ids = decoder_input_ids(input_ids, dec_token_id)
         text = qformer(input_ids=ids, attention_mask=attention_mask, query_cache=out.query_cache,
                        mode="causal").text  # (B, T, Dq)
-        itg = L.itg_loss_from_hidden(text, heads.lm_head, ids, attention_mask)  # LM head on caption tokens only
+        itg = L.itg_loss_from_hidden(text, heads.lm_head, ids, attention_mask, itg_positions)  # LM head on caption tokens only
         terms["itg"] = itg.loss if sum_all is None else global_token_mean(itg.loss, itg.tokens, sum_all)
     return L.combine(terms, {k: w for k, w in weights.items() if k in use})
 
@@ -127,8 +136,7 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     sim_t2i = gather(itc.sim_t2i) if gather else itc.sim_t2i
     targets = torch.arange(sim_i2t.shape[0], device=image_embeds.device)
     # Captions repeat (several images can share one): a copy of the positive caption is no negative.
-    caption_id = torch.unique(all_ids * all_mask, dim=0, return_inverse=True)[1]  # (B*W,)
-    same = caption_id[:, None] == caption_id[None, :]  # (B*W, B*W)
+    same = same_rows(all_ids * all_mask)  # (B*W, B*W)
     negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator, same=same)
     mine = slice(rank * b, rank * b + k)  # negatives are drawn for every row, whatever k: the same draws
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
@@ -143,7 +151,20 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
     query = qformer(image_kv=pair_kv, input_ids=ids, attention_mask=mask, mode="bidirectional").query
     logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3k, Q, 2) -> (3k, 2)
-    return L.itm_loss(logits, L.itm_labels(k).to(logits.device))
+    return L.itm_loss(logits, L.itm_labels(k, logits.device))
+
+
+def same_rows(tokens: Tensor, budget: int = 1 << 26) -> Tensor:
+    """(R, R) bool, True where row i of ``tokens`` (R, T) equals row j. Compared on the device in
+    column chunks of at most ``budget`` elements, with no read-back (``torch.unique`` would read the
+    number of distinct rows back from the device)."""
+    r, t = tokens.shape
+    step = max(1, budget // max(1, r * r))
+    same = torch.ones(r, r, dtype=torch.bool, device=tokens.device)
+    for start in range(0, t, step):
+        chunk = tokens[:, start:start + step]  # (R, t')
+        same &= (chunk[:, None, :] == chunk[None, :, :]).all(dim=-1)
+    return same
 
 
 def pad_to(tokens: Tensor, length: int) -> Tensor:

@@ -33,7 +33,7 @@ def step_losses(model: VLM, batch: dict, cfg: Config, generator: torch.Generator
             model.qformer, model.heads, image_embeds_of(model, batch), batch["input_ids"],
             batch["attention_mask"], cfg.train.losses, dec_token_id,
             gather=D.gather_fn(), rank=D.rank(), generator=generator, sum_all=D.sum_fn(),
-            itm_fraction=cfg.train.itm_fraction,
+            itm_fraction=cfg.train.itm_fraction, itg_positions=batch.get("itg_positions"),
         )
     return stage2_losses(model, batch, cfg)
 

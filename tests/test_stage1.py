@@ -1,0 +1,89 @@
+"""The stage-1 step (ITC + ITM + ITG) on a tiny model: nothing in it reads a value back from the
+device, and copies of a caption are found by comparing token rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qvlm import losses as L
+from qvlm.models.stage1 import same_rows
+from qvlm.models.vlm import VLM
+from qvlm.train.steps import step_losses
+
+from sync_helpers import host_reads_in_qvlm
+
+
+def stage1_batch(seed: int = 0) -> dict:
+    """Six pairs with right padding in two rows, one caption twice (rows 0 and 3), and the collator's
+    ITG positions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 2000, (6, 9), generator=g)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[1, 6:], mask[4, 3:] = 0, 0
+    ids[3] = ids[0]
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"image_embeds": torch.randn(6, 17, 32, generator=g), "input_ids": ids, "attention_mask": mask,
+            "itg_positions": L.itg_positions(mask)}
+
+
+def test_stage1_step_reads_nothing_back_from_the_device(tiny_cfg):
+    """With the collator's ITG positions, the ITC + ITM + ITG losses and their backward make no
+    host-device sync in qvlm's code (the hard negatives' draw, the caption copies, the ITM labels, the
+    Q-Former's masks included), and give the losses and gradients of the path that finds the ITG
+    positions on the device, which does sync (so the check can fail)."""
+    tiny_cfg.model.qformer.dropout = 0.0
+    assert all(tiny_cfg.train.losses.get(k, 0) > 0 for k in ("itc", "itm", "itg"))
+    model = VLM.from_config(tiny_cfg).train()
+    batch = stage1_batch()
+    results = {}
+
+    def run(b: dict, key: str) -> None:
+        model.zero_grad(set_to_none=True)
+        terms = step_losses(model, b, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+        terms["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[key] = ({k: v.detach() for k, v in terms.items()}, grads)
+
+    assert host_reads_in_qvlm(lambda: run(batch, "index")) == []
+    on_device = {k: v for k, v in batch.items() if k != "itg_positions"}
+    assert len(host_reads_in_qvlm(lambda: run(on_device, "device"))) >= 2  # ITG's count and its positions
+    (terms, grads), (terms_d, grads_d) = results["index"], results["device"]
+    for key in ("itc", "itm", "itg", "loss"):
+        torch.testing.assert_close(terms[key], terms_d[key], atol=1e-6, rtol=1e-5)
+    assert grads.keys() == grads_d.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_d[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 26])  # one column per chunk, all columns at once
+def test_same_rows_marks_the_rows_torch_unique_groups(budget):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2, (12, 3), generator=g)  # 8 possible rows: repeats are certain
+    tokens[7], tokens[9] = tokens[2], tokens[2]
+    groups = torch.unique(tokens, dim=0, return_inverse=True)[1]
+    expected = groups[:, None] == groups[None, :]
+    assert expected.sum() > 12 + 6  # repeats beyond the three copies of row 2
+    assert torch.equal(same_rows(tokens, budget), expected)
+
+
+def test_a_caption_copy_is_never_its_twins_hard_negative(tiny_cfg, monkeypatch):
+    """The stage-1 step hands ITM's draw the copies of each caption (rows 0 and 3 here): however the
+    similarities fall, row 0 never gets row 3's text or image as its negative."""
+    from qvlm.models import stage1
+
+    drawn = []
+    real = L.sample_hard_negatives
+
+    def spy(*args, **kwargs):
+        neg = real(*args, **kwargs)
+        drawn.append((kwargs["same"], neg))
+        return neg
+
+    monkeypatch.setattr(stage1.L, "sample_hard_negatives", spy)
+    model = VLM.from_config(tiny_cfg).train()
+    for seed in range(20):
+        step_losses(model, stage1_batch(), tiny_cfg, generator=torch.Generator().manual_seed(seed), dec_token_id=1)
+    for same, neg in drawn:
+        assert same[0, 3] and same[3, 0] and same.sum() == 6 + 2
+        assert neg.text_idx[0] != 3 and neg.image_idx[0] != 3 and neg.text_idx[3] != 0 and neg.image_idx[3] != 0
