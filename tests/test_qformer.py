@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from qvlm.models.qformer import QFormer, QFormerOutput, attention_mask_for
@@ -349,3 +350,31 @@ def test_a_text_mask_without_padding_equals_no_mask(qformer, mode):
     assert built is not None and built.shape == (B, 1, Q + T, Q + T)
     with_mask, without = qformer(image, ids, full, mode=mode), qformer(image, ids, None, mode=mode)
     assert close(with_mask.query, without.query, atol=1e-5) and close(with_mask.text, without.text, atol=1e-5)
+
+
+def test_under_autocast_the_image_is_cast_once_with_the_same_keys_and_values():
+    """The normalised image features are cast to bf16 once in ``encode_image``, not by autocast in
+    every cross-attention layer's key and value projection: bitwise the same keys and values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    qf = QFormer.from_source(tiny(layers=4), vision_width=VW, num_queries=Q, seed=0, cross_attention_every=1)
+    image = make_inputs()[0]
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == image.shape:
+                casts.append((args[0].dtype, (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        kv = qf.encode_image(image)
+    assert casts == [(torch.float32, torch.bfloat16)]  # one cast for the four layers' eight projections
+    norm = qf.vision_norm
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # each projection casting the fp32 image itself
+        ref = F.layer_norm(image, (VW,), eps=norm.eps)
+        for layer, (k, v) in zip(qf.layers, kv.layers):
+            for linear, got in ((layer.cross_attn.key, k), (layer.cross_attn.value, v)):
+                w = linear.weight
+                want = F.linear(ref, w * norm.weight, linear.bias + (w * norm.bias).sum(-1))
+                assert got.dtype == torch.bfloat16 and torch.equal(layer.cross_attn.split(want), got)

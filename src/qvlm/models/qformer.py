@@ -11,7 +11,8 @@ Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
 ``attention_kernel``); the image side of cross-attention is projected once per batch of
 images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
 image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
-computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them). (Fusing the q/k/v GEMMs by concatenating the
+computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them);
+under autocast the normalised image is cast to bf16 once for all those projections. (Fusing the q/k/v GEMMs by concatenating the
 weights each step was measured on CPU: no faster GEMMs, and the copies cost more, so it was dropped.)
 
 Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
@@ -348,6 +349,11 @@ class QFormer(nn.Module):
                                  f"{self.image_pos.shape[1]}")
             image = image + self.image_pos  # (B, N, Dv)
         image = F.layer_norm(image, (self.vision_width,), eps=norm.eps)  # (B, N, Dv)
+        device = image.device.type
+        if torch.is_autocast_enabled(device) and not image.requires_grad:
+            # cast once here, not in each cross-attention layer's key and value projection (the same
+            # values: autocast would cast this tensor for every one of them)
+            image = image.to(torch.get_autocast_dtype(device))
         return ImageKV([None if layer.cross_attn is None else layer.cross_attn.image_kv(image, norm.weight, norm.bias)
                         for layer in self.layers])
 
