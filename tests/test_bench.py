@@ -123,7 +123,7 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
         torch.set_num_threads(threads)
     report = json.loads(capsys.readouterr().out)
     assert report["notes"] == [n for n in report["notes"] if "failed" not in n], report["notes"]
-    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
+    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer"):
         assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
     groups = {r["group"] for r in report["rows"]}
     assert {"stage-1 train step", "stage-2 train step", "caption generation"} <= groups

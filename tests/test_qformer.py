@@ -378,3 +378,40 @@ def test_under_autocast_the_image_is_cast_once_with_the_same_keys_and_values():
                 w = linear.weight
                 want = F.linear(ref, w * norm.weight, linear.bias + (w * norm.bias).sum(-1))
                 assert got.dtype == torch.bfloat16 and torch.equal(layer.cross_attn.split(want), got)
+
+
+def test_fused_qkv_gives_the_separate_projections_outputs_and_gradients(tiny_cfg):
+    """``train.fused_qkv`` runs each self-attention's q/k/v as one GEMM: the same parameters (state
+    dict), outputs and gradients as three projections, in every mode and with the query cache."""
+    from qvlm.models.vlm import VLM
+    from qvlm.train.speed import apply_speed_options
+
+    torch.manual_seed(0)
+    qf = QFormer.from_source(tiny(), vision_width=VW, num_queries=Q, seed=0, dropout=0.0)
+    image, ids, mask = make_inputs()
+
+    def run(mode: str) -> tuple:
+        qf.zero_grad(set_to_none=True)
+        out = qf(image, ids, mask, mode=mode, return_query_cache=True)
+        cached = qf(input_ids=ids, attention_mask=mask, query_cache=out.query_cache, mode="causal").text
+        (out.query.square().sum() + out.text.square().sum() + cached.sum()).backward()
+        return out.query, out.text, cached, {n: p.grad.clone() for n, p in qf.named_parameters() if p.grad is not None}
+
+    keys = sorted(qf.state_dict())
+    for mode in MODES:
+        separate = run(mode)
+        qf.fuse_qkv(True)
+        fused = run(mode)
+        qf.fuse_qkv(False)
+        for a, b in zip(separate[:3], fused[:3]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert separate[3].keys() == fused[3].keys() and any("self_attn.query" in n for n in fused[3])
+        for name in separate[3]:
+            torch.testing.assert_close(separate[3][name], fused[3][name], atol=1e-5, rtol=1e-4)
+    assert sorted(qf.state_dict()) == keys
+    tiny_cfg.train.fused_qkv = True
+    vlm = VLM.from_config(tiny_cfg)
+    assert "fused_qkv" in apply_speed_options(vlm, tiny_cfg.train)
+    layers = vlm.qformer.layers
+    assert all(layer.self_attn.fused_qkv for layer in layers)
+    assert not any(layer.cross_attn.fused_qkv for layer in layers if layer.cross_attn is not None)

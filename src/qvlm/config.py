@@ -168,6 +168,7 @@ class TrainConfig:
     freeze_qformer: bool = False
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each Q-Former and LLM layer (first steps pay the compilation)
+    fused_qkv: bool = False  # the Q-Former's self-attention q/k/v as one GEMM (not faster on CPU; GPU unmeasured)
     # Stage 2 with LoRA on the image positions and after (model.llm.lora.positions image/from_image):
     # the prompt tokens every row of a batch shares before its image (system turn, user header) go
     # through the frozen LLM once, without autograd, and the rows attend to their keys/values

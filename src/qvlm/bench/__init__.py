@@ -13,6 +13,8 @@ come from ``flops``, timing and memory from ``timing``, the table and JSON from 
 
 from __future__ import annotations
 
+import copy
+
 import datetime
 import os
 import platform
@@ -191,6 +193,9 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
         dims = dict(hidden=768, layers=12, heads=12, intermediate=3072, vision_width=768, queries=32)
         tokens = 197  # ViT-B/16 at 224 px
     modules = {k: m.to(bench.device) for k, m in build_pair(**dims).items()}
+    if p.structure:  # the full run: also ours with self-attention's q/k/v as one GEMM (train.fused_qkv)
+        modules["ours_fused_qkv"] = copy.deepcopy(modules["ours"])
+        modules["ours_fused_qkv"].fuse_qkv(True)
     counts = {k: comparable_params(m) for k, m in modules.items()}
     batches = [p.qformer_batch] + ([GPU_QFORMER_BATCH] if bench.device.type == "cuda" and real.name != "smoke" else [])
     for batch in batches:
@@ -200,6 +205,8 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
         report["ratios"][f"qformer_vs_hf_blip2{suffix}"] = timings["hf_sdpa"].median / ours
         report["ratios"][f"qformer_vs_hf_blip2_eager{suffix}"] = timings["hf_eager"].median / ours
         report["ratios"][f"hf_sdpa_vs_eager{suffix}"] = timings["hf_eager"].median / timings["hf_sdpa"].median
+        if "ours_fused_qkv" in timings:
+            report["ratios"][f"fused_qkv_qformer{suffix}"] = ours / timings["ours_fused_qkv"].median
     report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
     del modules
 
@@ -217,7 +224,8 @@ def time_qformers(bench, modules: dict, dims: dict, tokens: int, batch: int, cou
     label = (f"{dims['layers']} layers, width {dims['hidden']}, {dims['heads']} heads, FFN {dims['intermediate']}, "
              f"cross-attn every 2, Dv {dims['vision_width']}")
     names = {"ours": "ours (qvlm QFormer, SDPA)", "hf_sdpa": "transformers Blip2QFormerModel, sdpa",
-             "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)"}
+             "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)",
+             "ours_fused_qkv": "ours, self-attention q/k/v as one GEMM (train.fused_qkv)"}
     for key, timing in timings.items():
         row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, batch,
             f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key] / 1e6:.2f}M params compared")

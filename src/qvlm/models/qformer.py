@@ -12,8 +12,10 @@ Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
 images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
 image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
 computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them);
-under autocast the normalised image is cast to bf16 once for all those projections. (Fusing the q/k/v GEMMs by concatenating the
-weights each step was measured on CPU: no faster GEMMs, and the copies cost more, so it was dropped.)
+under autocast the normalised image is cast to bf16 once for all those projections. Self-attention's
+q/k/v as one GEMM (weights concatenated each step) is an option, off (``train.fused_qkv``): on CPU
+the GEMMs were no faster and the copies cost more; on a GPU it saves launches and casts, not yet
+measured there.
 
 Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
 width, Dq Q-Former width.
@@ -95,6 +97,7 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
         self.heads, self.attn_dropout = heads, attn_dropout
+        self.fused_qkv = False  # self-attention's q/k/v as one GEMM (``QFormer.fuse_qkv``)
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
@@ -107,14 +110,27 @@ class Attention(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Self-attention of x (B, L, Dq) after ``past`` keys/values; with ``kv`` (from ``image_kv``),
         cross-attention of x to those keys/values instead."""
-        q = self.split(self.query(x))
-        k, v = (self.split(self.key(x)), self.split(self.value(x))) if kv is None else kv
+        if kv is None:
+            q, k, v = self.project_qkv(x)
+        else:
+            q, (k, v) = self.split(self.query(x)), kv
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+S, Dh)
         p = self.attn_dropout if self.training else 0.0
         h = sdpa(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh); CPU kernel choice: attention_kernel
         h = h.transpose(1, 2).flatten(2)  # (B, L, Dq)
         return self.norm(x + self.dropout(self.dense(h))), (k, v)
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of x (B, L, Dq), each (B, H, L, Dh). With ``fused_qkv``, one GEMM
+        against the three weights concatenated (each step: the parameters stay separate): one kernel and,
+        under autocast, one cast of x instead of three."""
+        if not self.fused_qkv:
+            return self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
+        linears = (self.query, self.key, self.value)
+        weight, bias = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])  # (3 Dq, Dq)
+        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)  # (B, L, Dq) each
+        return self.split(q), self.split(k), self.split(v)
 
     def image_kv(self, image: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, H, N, Dh) of ``image * norm_weight + norm_bias`` for standardised image
@@ -251,6 +267,12 @@ class QFormer(nn.Module):
             if layer.cross_attn is not None:
                 for linear in (layer.cross_attn.query, layer.cross_attn.key):
                     nn.init.normal_(linear.weight, std=gain / linear.in_features ** 0.5)
+
+    def fuse_qkv(self, on: bool = True) -> None:
+        """Every self-attention's query, key and value projections as one GEMM (``Attention.project_qkv``);
+        the same parameters and outputs. ``train.fused_qkv``."""
+        for layer in self.layers:
+            layer.self_attn.fused_qkv = on
 
     @property
     def hidden_size(self) -> int:
