@@ -22,7 +22,7 @@ class FakeClock:
         return self.now
 
 
-def test_time_interleaved_alternates_variants_and_takes_the_median():
+def test_time_interleaved_alternates_variants_and_their_order_and_takes_the_median():
     clock, order = FakeClock(), []
     costs = {"a": iter([100.0, 1.0, 3.0, 2.0]), "b": iter([50.0, 10.0, 30.0, 20.0])}
 
@@ -33,7 +33,7 @@ def test_time_interleaved_alternates_variants_and_takes_the_median():
         return run
 
     timings = time_interleaved({"a": variant("a"), "b": variant("b")}, repeats=3, warmup=1, clock=clock)
-    assert order == ["a", "b"] * 4  # interleaved, warm-up round included
+    assert order == ["a", "b", "b", "a"] * 2  # interleaved, reversed every other round, warm-up round included
     assert timings["a"].seconds == [1.0, 3.0, 2.0] and timings["a"].median == 2.0  # warm-up dropped
     assert timings["b"].median == 20.0
     assert Timing([1.0, 3.0, 2.0]).spread == 1.0

@@ -1,8 +1,9 @@
 """Timing and memory for the benchmarks: interleaved median-of-repeats timing and peak memory.
 
 ``time_interleaved`` runs each variant once per round (after untimed warm-up rounds), so noise from
-other jobs on a shared machine hits every variant alike; a variant's time is the median of its
-rounds. With ``track_memory`` every variant is then called once more, untimed, inside
+other jobs on a shared machine hits every variant alike, and reverses the order every other round, so
+no variant always runs first or after the same neighbour (on the H100, the first variant of a round
+was often the slowest); a variant's time is the median of its rounds. With ``track_memory`` every variant is then called once more, untimed, inside
 ``PeakMemory``: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's
 resident set size sampled every 2 ms by a thread (everything the process holds: weights, optimiser
 state, activations, the allocator's cache, Python itself). That call starts from freed memory
@@ -49,12 +50,15 @@ def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, wa
                      clock: Clock = time.perf_counter, sync: Callable[[], None] = lambda: None,
                      track_memory: torch.device | None = None) -> dict[str, Timing]:
     """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
-    each round calling every variant once, in order; peak memory too with ``track_memory``."""
+    each round calling every variant once, in order, and in reverse order every other round; peak
+    memory too with ``track_memory``."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     timings = {name: Timing() for name in variants}
+    names = list(variants)
     for round_ in range(warmup + repeats):
-        for name, fn in variants.items():
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            fn = variants[name]
             sync()
             start = clock()
             fn()
