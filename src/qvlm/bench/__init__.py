@@ -14,7 +14,6 @@ come from ``flops``, timing and memory from ``timing``, the table and JSON from 
 from __future__ import annotations
 
 import copy
-
 import datetime
 import os
 import platform

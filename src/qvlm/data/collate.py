@@ -7,8 +7,7 @@ tokenises captions with dynamic padding to the longest caption in the batch (rou
 ``image_embeds`` (B, N, Dv) looked up by ``image_id`` instead of ``pixel_values`` (B, 3, H, W); a
 record missing from the cache is skipped as ``not_in_cache``. ``itg_positions`` (2, S) are the rows
 and columns that predict a caption token, found here on the CPU so the training step need not ask
-the device. A batch may come out empty (every item
-skipped): ``len(batch["keys"]) == 0``.
+the device. A batch may come out empty (every item skipped): ``len(batch["keys"]) == 0``.
 
 Augmentation (``Augment``: random resized crop, optional horizontal flip) is off by default: on the
 synthetic scenes a flip swaps "left" and "right" and a crop can cut objects out, making captions
