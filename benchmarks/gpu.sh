@@ -101,6 +101,7 @@ for r in report["rows"]:
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         busy = "" if r.get("device_busy") is None else (f", GPU busy {100 * r['device_busy']:.0f}% "
                                                          f"({r['launches']} kernel launches)")
+        busy += "" if r.get("host_syncs") is None else f", {r['host_syncs']} host syncs"
         rate = r.get("samples_per_s", r.get("images_per_s"))
         print(f"{r['group']:<22} {r['name']:<44} B={r['batch']:<4} {rate} samples/s, "
               f"{r.get('tokens_per_s', '-')} tokens/s, MFU {mfu}{busy}")

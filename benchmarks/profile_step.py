@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
 from qvlm.bench.shapes import SHAPES
 from qvlm.bench.stage2 import stage2_batch
-from qvlm.bench.timing import kernel_totals, synchronizer, time_one
+from qvlm.bench.timing import host_syncs, kernel_totals, synchronizer, time_one
 from qvlm.train.loop import frozen_weights
 from qvlm.train.speed import compile_layers
 from qvlm.train.steps import step_losses
@@ -37,24 +35,6 @@ def top(averages, on_device: bool, key: str, n: int) -> str:
         value = getattr(e, key)
         lines.append(f"  {value / 1000:8.2f} {100 * value / total:5.1f}% {e.count:6d}  {e.key[:110]}")
     return "\n".join(lines)
-
-
-def host_syncs(step, device: torch.device) -> Counter | None:
-    """One call of ``step`` under ``torch.cuda.set_sync_debug_mode("warn")``: how many times each
-    synchronising operation made the host wait for the GPU, by where Python called it and the warning's
-    first line. None on a CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return Counter(f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:90]}"
-                   for w in caught if "synchroniz" in str(w.message))
 
 
 def bf16_residual(model) -> None:

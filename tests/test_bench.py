@@ -202,3 +202,26 @@ def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
     assert "compiled, causal, LoRA dropout 0, positions found on the device" in out.stderr  # gpu_stage2.sh runs it by name
     best = "compiled, causal, LoRA dropout 0"
     assert f'BEST="{best}"' in (root / "benchmarks" / "gpu_stage2.sh").read_text()
+
+
+def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):
+    """On a GPU a train-step row records how often the step made the host wait (PyTorch's sync debug
+    mode warns at each): counted by site, the mode reset afterwards; nothing on a CPU."""
+    import warnings
+
+    from qvlm.bench.timing import sync_fields
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation\nstack ...", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+
+    fields = sync_fields(step, torch.device("cuda"))
+    assert fields["host_syncs"] == 3 and modes == ["warn", "default"]
+    [(site, count)] = fields["host_sync_sites"].items()
+    assert count == 3 and site.startswith("test_bench.py:") and site.endswith("called a synchronizing CUDA operation")
+    assert sync_fields(step, torch.device("cpu")) == {}

@@ -17,7 +17,7 @@ from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, Trainer, build_trainer, row, to_device
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import device_time, synchronizer
+from qvlm.bench.timing import device_time, sync_fields, synchronizer
 
 GROUP = "stage-2 train step"
 
@@ -63,8 +63,9 @@ def step_rows(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: flo
               note=note)
     out["tokens_per_s"] = round(tokens / timing.median, 1)
     busy = device_time(lambda: trainer.step(batch), bench.device)
-    if busy:  # GPU only: how much of the step the kernels fill
+    if busy:  # GPU only: how much of the step the kernels fill, and how often the host waited
         out.update(busy, device_busy=round(busy["kernel_ms"] / out["ms"], 3))
+    out.update(sync_fields(lambda: trainer.step(batch), bench.device))
     return out
 
 

@@ -19,6 +19,8 @@ import os
 import statistics
 import threading
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,6 +95,33 @@ def device_time(fn: Callable[[], object], device: torch.device) -> dict | None:
         fn()
         torch.cuda.synchronize()
     return kernel_totals(prof.key_averages())
+
+
+def host_syncs(fn: Callable[[], object], device: torch.device) -> Counter | None:
+    """One call of ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")`` on a GPU: how many times
+    each synchronising operation made the host wait for the GPU (``.item()``, ``nonzero``, a blocking
+    copy, ...), keyed by where Python called it and the warning's first line. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0][:90]}"
+                   for w in caught if "synchroniz" in str(w.message))
+
+
+def sync_fields(fn: Callable[[], object], device: torch.device) -> dict:
+    """``host_syncs`` as report fields: {"host_syncs": total, "host_sync_sites": the five most
+    frequent}; {} on a CPU."""
+    syncs = host_syncs(fn, device)
+    if syncs is None:
+        return {}
+    return {"host_syncs": sum(syncs.values()), "host_sync_sites": dict(syncs.most_common(5))}
 
 
 def kernel_totals(averages) -> dict:
