@@ -87,3 +87,33 @@ def test_a_caption_copy_is_never_its_twins_hard_negative(tiny_cfg, monkeypatch):
     for same, neg in drawn:
         assert same[0, 3] and same[3, 0] and same.sum() == 6 + 2
         assert neg.text_idx[0] != 3 and neg.image_idx[0] != 3 and neg.text_idx[3] != 0 and neg.image_idx[3] != 0
+
+
+@pytest.mark.parametrize("one_pass, reuse", [(True, False), (False, True), (False, False)])
+def test_the_pass_choices_give_the_same_losses_and_gradients(tiny_cfg, one_pass, reuse):
+    """``train.itc_one_pass`` (queries and text in one unimodal pass, or two as LAVIS) and
+    ``train.itm_reuse_image_kv`` (ITM gathering the ITC pass's image keys/values, or projecting its
+    pairs' images again) change the work, not the losses or the gradients; both off are LAVIS's passes."""
+    tiny_cfg.model.qformer.dropout = 0.0
+    model = VLM.from_config(tiny_cfg).train()
+    batch = stage1_batch()
+    calls = []
+
+    def run() -> tuple:
+        model.zero_grad(set_to_none=True)
+        terms = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+        terms["loss"].backward()
+        return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    default = run()
+    tiny_cfg.train.itc_one_pass, tiny_cfg.train.itm_reuse_image_kv = one_pass, reuse
+    encode = model.qformer.encode_image
+    model.qformer.encode_image = lambda images: calls.append(images.shape[0]) or encode(images)
+    variant = run()
+    # reusing: the batch's images once; re-encoding: once more for the 3B pairs
+    assert calls == ([6] if reuse else [6, 18])
+    for key in ("itc", "itm", "itg", "loss"):
+        torch.testing.assert_close(variant[0][key], default[0][key], atol=1e-5, rtol=1e-5)
+    assert variant[1].keys() == default[1].keys()
+    for name in default[1]:
+        torch.testing.assert_close(variant[1][name], default[1][name], atol=1e-5, rtol=1e-4)

@@ -166,6 +166,11 @@ class TrainConfig:
     keep_last: int = 2
     init_from: str = ""  # stage 2: a stage-1 model folder
     freeze_qformer: bool = False
+    # Stage 1: queries and text in one unimodal pass for ITC (false: two passes, as LAVIS), and ITM
+    # reusing that pass's image keys/values (false: its pairs' images projected again). The same
+    # losses; qvlm bench times each against the other (faster on CPU, slower on an H100 so far).
+    itc_one_pass: bool = True
+    itm_reuse_image_kv: bool = True
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each Q-Former and LLM layer (first steps pay the compilation)
     fused_qkv: bool = False  # the Q-Former's self-attention q/k/v as one GEMM (not faster on CPU; GPU unmeasured)

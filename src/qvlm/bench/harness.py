@@ -76,17 +76,16 @@ class Trainer:
     params: list
     dec_token_id: int
     bench: Bench
-    losses_fn: Callable | None = None  # (model, batch, cfg, generator, dec_token_id) -> terms; None = step_losses
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def step(self, batch: dict) -> None:
         from qvlm.train.loop import frozen_weights
         from qvlm.train.steps import step_losses
 
-        fn = self.losses_fn or step_losses
         with frozen_weights(self.model, self.bench.bf16):
             with self.bench.autocast():
-                terms = fn(self.model, batch, self.cfg, generator=self.generator, dec_token_id=self.dec_token_id)
+                terms = step_losses(self.model, batch, self.cfg, generator=self.generator,
+                                    dec_token_id=self.dec_token_id)
             terms["loss"].backward()
         if self.cfg.train.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad)

@@ -6,8 +6,8 @@
   alternate on the same records, model and batch;
 - the library's step (``qvlm.models.stage1``: one unimodal pass for ITC feeds ITG's query cache,
   the images' cross-attention keys/values projected once for ITC and ITM) vs each of the two
-  switched off and vs both off, the passes of LAVIS's ``Blip2Qformer.forward``
-  (``stage1_losses_passes``: queries alone, text alone, ITM re-encoding its 3B images);
+  switched off and vs both off, the passes of LAVIS's ``Blip2Qformer.forward`` (queries alone, text
+  alone, ITM re-encoding its 3B images: ``train.itc_one_pass`` and ``train.itm_reuse_image_kv``);
 - dynamic padding (to the batch's longest caption, what the collator does) vs padding to
   ``max_text_len``; length-grouped vs random batches (padding tokens per epoch);
 - gradient checkpointing on/off (time and memory), ``torch.compile`` on/off, fused vs foreach vs
@@ -21,13 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import (Bench, SceneFiles, Trainer, build_trainer, fixed_stage1_batch, row,
                                 stage1_collator, to_device)
 from qvlm.bench.shapes import Shapes
 from qvlm.bench.timing import sync_fields, synchronizer
-from qvlm.models.stage1 import decoder_input_ids, same_rows
 
 GROUP = "stage-1 train step"
 
@@ -76,49 +74,7 @@ def cached_vs_pixels(bench: Bench, shapes: Shapes, batch_size: int, peak: float 
 
 # ---- fused vs LAVIS-style passes ----------------------------------------------------------------
 
-def stage1_losses_passes(fused_pass: bool, shared_kv: bool):
-    """The ITC + ITM + ITG losses of ``qvlm.models.stage1`` with either optimisation switched off:
-    ``fused_pass=False`` runs the queries alone (their keys/values cached for ITG, as LAVIS does)
-    and the text alone instead of one unimodal pass; ``shared_kv=False`` re-encodes the ITM pairs'
-    images [images, images, negative images] instead of reusing the ITC pass's image keys/values.
-    Both off are the passes of LAVIS ``Blip2Qformer.forward``. Everything else is the library's:
-    the same hard-negative draw, ITG's vocabulary head at the caption positions only (the
-    collator's ``itg_positions``), nothing read back from the device; so the variants differ in
-    their passes alone. Single process only."""
-
-    def losses(model, batch: dict, cfg, generator=None, dec_token_id: int | None = None) -> dict:
-        qf, heads, weights = model.qformer, model.heads, cfg.train.losses
-        image, ids, mask = batch["image_embeds"].float(), batch["input_ids"], batch["attention_mask"]
-        image_kv = qf.encode_image(image)
-        if fused_pass:
-            out = qf(image_kv=image_kv, input_ids=ids, attention_mask=mask, return_query_cache=True)
-            query, text, cache = out.query, out.text, out.query_cache
-        else:
-            alone = qf(image_kv=image_kv, return_query_cache=True)
-            query, cache = alone.query, alone.query_cache
-            text = qf(input_ids=ids, attention_mask=mask).text  # (B, T, Dq)
-        itc = L.itc_loss(heads.image_feats(query), heads.text_feat(text), heads.temp)
-        terms = {"itc": itc.loss, "itc_acc": (itc.i2t_acc + itc.t2i_acc) / 2}
-        b = image.shape[0]
-        own = torch.arange(b, device=image.device)
-        neg = L.sample_hard_negatives(itc.sim_i2t, itc.sim_t2i, own, generator=generator, same=same_rows(ids * mask))
-        rows = torch.cat([own, own, neg.image_idx])  # images of the 3B pairs
-        pair_kv = image_kv.select(rows) if shared_kv else qf.encode_image(image[rows])
-        query = qf(image_kv=pair_kv, input_ids=torch.cat([ids, ids[neg.text_idx], ids]),
-                   attention_mask=torch.cat([mask, mask[neg.text_idx], mask]), mode="bidirectional").query
-        itm = L.itm_loss(L.itm_logits_from_queries(heads.itm_head(query)), L.itm_labels(b, image.device))
-        terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
-        dec = decoder_input_ids(ids, dec_token_id)
-        out = qf(input_ids=dec, attention_mask=mask, query_cache=cache, mode="causal").text
-        terms["itg"] = L.itg_loss_from_hidden(out, heads.lm_head, dec, mask, batch.get("itg_positions")).loss
-        return L.combine(terms, weights)
-
-    return losses
-
-
-stage1_losses_unfused = stage1_losses_passes(fused_pass=False, shared_kv=False)  # LAVIS's passes
-
-PASS_VARIANTS = {  # name -> (fused_pass, shared_kv); (True, True) is the library's own step
+PASS_VARIANTS = {  # name -> (train.itc_one_pass, train.itm_reuse_image_kv); (True, True) is the default
     "one unimodal pass, ITM re-encodes its images": (True, False),
     "separate query / text passes, shared image K/V": (False, True),
     "LAVIS-style: separate passes, ITM re-encodes": (False, False),
@@ -126,19 +82,23 @@ PASS_VARIANTS = {  # name -> (fused_pass, shared_kv); (True, True) is the librar
 
 
 def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> dict:
-    """Our step against each optimisation switched off and both off (LAVIS); returns the time ratios
-    (variant / ours): "lavis", "shared_kv" (re-encoding / sharing), "fused_pass" (separate / one pass)."""
-    def run(fn):
+    """The library's default step against each of its two pass choices switched off and both off (the
+    passes of LAVIS's ``Blip2Qformer.forward``), through the same step with ``train.itc_one_pass`` /
+    ``train.itm_reuse_image_kv``; returns the time ratios (variant / ours): "lavis", "shared_kv"
+    (re-encoding / reusing), "fused_pass" (separate / one pass)."""
+    cfg = trainer.cfg.train
+
+    def run(one_pass: bool, reuse: bool):
         def go():
-            trainer.losses_fn = fn
+            cfg.itc_one_pass, cfg.itm_reuse_image_kv = one_pass, reuse
             try:
                 trainer.step(batch)
             finally:
-                trainer.losses_fn = None
+                cfg.itc_one_pass = cfg.itm_reuse_image_kv = True
         return go
 
     variants = {"ours": lambda: trainer.step(batch)}
-    variants.update({name: run(stage1_losses_passes(*flags)) for name, flags in PASS_VARIANTS.items()})
+    variants.update({name: run(*flags) for name, flags in PASS_VARIANTS.items()})
     timings = bench.time(variants)
     b, seq = batch["input_ids"].shape[0], seq_label(trainer, batch)
     ours_row = row(bench, GROUP, "ours: one unimodal pass, shared image K/V", label, b, seq, timings["ours"],

@@ -5,7 +5,11 @@ ITG reuses the queries' per-layer keys/values (the query slice is the same in th
 multimodal-causal layouts), so the image side is never recomputed for ITG. ITM needs the
 bidirectional layout and runs its own pass over positives and hard negatives mined from the ITC
 similarities; the images' cross-attention keys/values (``QFormer.encode_image``) are projected once
-and shared by both passes (only negatives gathered from other ranks are projected again). Gathering across ranks is injected (``gather``), never called from here.
+and shared by both passes (only negatives gathered from other ranks are projected again). Gathering
+across ranks is injected (``gather``), never called from here. Either choice can be switched off
+(``one_pass``, ``reuse_image_kv``; ``train.itc_one_pass``, ``train.itm_reuse_image_kv``): both off
+are LAVIS's passes, with the same losses. On CPU both choices measured faster; on an H100 each
+measured slower (benchmarks/RESULTS.md), which a rerun is to settle.
 
 Nothing in the step reads a value back from the device (on a GPU each read makes the host wait for
 every queued kernel): the hard negatives are drawn with noise made beforehand (``losses._draw``),
@@ -79,11 +83,16 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
                   gather: Gather | None = None, rank: int = 0,
                   generator: torch.Generator | None = None,
                   sum_all: Callable[[Tensor], Tensor] | None = None, itm_fraction: float = 1.0,
-                  itg_positions: Tensor | None = None) -> dict[str, Tensor]:
+                  itg_positions: Tensor | None = None, one_pass: bool = True,
+                  reuse_image_kv: bool = True) -> dict[str, Tensor]:
     """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies.
 
     ``itg_positions`` (2, S): ``losses.itg_positions(attention_mask)`` found on the CPU by the
     collator; without them ITG finds its positions on the device (a host-device sync).
+
+    ``one_pass=False``: the queries and the text in two passes instead of one unimodal pass;
+    ``reuse_image_kv=False``: ITM projects its pairs' images again instead of gathering the ITC
+    pass's keys/values by row. The same losses either way (up to rounding).
 
     ``itm_fraction`` < 1: ITM on the first ceil(fraction * B) pairs of this process's batch only
     (``itm_step``); ITC and ITG always use the whole batch.
@@ -94,19 +103,24 @@ def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, in
     use = {k for k, w in weights.items() if w > 0}
     need_text = bool(use & {"itc", "itm"})
     image_kv = qformer.encode_image(image_embeds)  # the image side of cross-attention, once for all passes
-    out = qformer(image_kv=image_kv, input_ids=input_ids if need_text else None,
-                  attention_mask=attention_mask if need_text else None, mode="unimodal",
-                  return_query_cache="itg" in use)
+    if need_text and not one_pass:  # the queries alone, then the text alone (LAVIS)
+        out = qformer(image_kv=image_kv, return_query_cache="itg" in use)
+        text = qformer(input_ids=input_ids, attention_mask=attention_mask, mode="unimodal").text
+    else:  # queries and text side by side: in the unimodal layout neither sees the other
+        out = qformer(image_kv=image_kv, input_ids=input_ids if need_text else None,
+                      attention_mask=attention_mask if need_text else None, mode="unimodal",
+                      return_query_cache="itg" in use)
+        text = out.text
     terms: dict[str, Tensor] = {}
     if need_text:
-        image_feats, text_feat = heads.image_feats(out.query), heads.text_feat(out.text)  # (B,Q,E), (B,E)
+        image_feats, text_feat = heads.image_feats(out.query), heads.text_feat(text)  # (B,Q,E), (B,E)
         itc = L.itc_loss(image_feats, text_feat, heads.temp,
                          all_image_feats=gather(image_feats) if gather else None,
                          all_text_feat=gather(text_feat) if gather else None, rank=rank)
         terms["itc"], terms["itc_acc"] = itc.loss, (itc.i2t_acc + itc.t2i_acc) / 2
         if "itm" in use:
             itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator,
-                           image_kv=image_kv, fraction=itm_fraction)
+                           image_kv=image_kv if reuse_image_kv else None, fraction=itm_fraction)
             terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
     if "itg" in use:
         ids = decoder_input_ids(input_ids, dec_token_id)
@@ -123,7 +137,8 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs;
     with ``fraction`` < 1 on the first k = ceil(fraction * B) positives and their negatives (3k pairs).
 
-    ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), reused here."""
+    ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), gathered here by
+    row; without it the pairs' images are encoded here."""
     b = image_embeds.shape[0]
     k = max(1, math.ceil(fraction * b))  # b when fraction is 1
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
@@ -140,10 +155,11 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator, same=same)
     mine = slice(rank * b, rank * b + k)  # negatives are drawn for every row, whatever k: the same draws
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
-    image_kv = qformer.encode_image(image_embeds) if image_kv is None else image_kv
     own = torch.arange(k, device=image_embeds.device)
     input_ids, attention_mask = input_ids[:k], attention_mask[:k]
-    if gather is None:  # one process: the negative images are ours too
+    if image_kv is None:  # images [i, i, neg(i)] projected again: (3k, N, Dv) -> (3k, H, N, Dh) per layer
+        pair_kv = qformer.encode_image(torch.cat([image_embeds[:k], image_embeds[:k], all_images[neg_image]]))
+    elif gather is None:  # one process: the negative images are ours too
         pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3k, H, N, Dh)
     else:
         pair_kv = ImageKV.cat([image_kv.select(torch.cat([own, own])), qformer.encode_image(all_images[neg_image])])

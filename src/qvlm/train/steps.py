@@ -34,6 +34,7 @@ def step_losses(model: VLM, batch: dict, cfg: Config, generator: torch.Generator
             batch["attention_mask"], cfg.train.losses, dec_token_id,
             gather=D.gather_fn(), rank=D.rank(), generator=generator, sum_all=D.sum_fn(),
             itm_fraction=cfg.train.itm_fraction, itg_positions=batch.get("itg_positions"),
+            one_pass=cfg.train.itc_one_pass, reuse_image_kv=cfg.train.itm_reuse_image_kv,
         )
     return stage2_losses(model, batch, cfg)
 
