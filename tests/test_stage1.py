@@ -27,6 +27,15 @@ def stage1_batch(seed: int = 0) -> dict:
             "itg_positions": L.itg_positions(mask)}
 
 
+def loss_and_grads(model: VLM, batch: dict, cfg) -> tuple[dict, dict]:
+    """One stage-1 loss and its backward (hard negatives drawn with seed 1): (detached terms, gradients)."""
+    model.zero_grad(set_to_none=True)
+    terms = step_losses(model, batch, cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
+    terms["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in terms.items()}, grads
+
+
 def test_stage1_step_reads_nothing_back_from_the_device(tiny_cfg):
     """With the collator's ITG positions, the ITC + ITM + ITG losses and their backward make no
     host-device sync in qvlm's code (the hard negatives' draw, the caption copies, the ITM labels, the
@@ -39,11 +48,7 @@ def test_stage1_step_reads_nothing_back_from_the_device(tiny_cfg):
     results = {}
 
     def run(b: dict, key: str) -> None:
-        model.zero_grad(set_to_none=True)
-        terms = step_losses(model, b, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
-        terms["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[key] = ({k: v.detach() for k, v in terms.items()}, grads)
+        results[key] = loss_and_grads(model, b, tiny_cfg)
 
     assert host_reads_in_qvlm(lambda: run(batch, "index")) == []
     on_device = {k: v for k, v in batch.items() if k != "itg_positions"}
@@ -98,18 +103,11 @@ def test_the_pass_choices_give_the_same_losses_and_gradients(tiny_cfg, one_pass,
     model = VLM.from_config(tiny_cfg).train()
     batch = stage1_batch()
     calls = []
-
-    def run() -> tuple:
-        model.zero_grad(set_to_none=True)
-        terms = step_losses(model, batch, tiny_cfg, generator=torch.Generator().manual_seed(1), dec_token_id=1)
-        terms["loss"].backward()
-        return terms, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    default = run()
+    default = loss_and_grads(model, batch, tiny_cfg)
     tiny_cfg.train.itc_one_pass, tiny_cfg.train.itm_reuse_image_kv = one_pass, reuse
     encode = model.qformer.encode_image
     model.qformer.encode_image = lambda images: calls.append(images.shape[0]) or encode(images)
-    variant = run()
+    variant = loss_and_grads(model, batch, tiny_cfg)
     # reusing: the batch's images once; re-encoding: once more for the 3B pairs
     assert calls == ([6] if reuse else [6, 18])
     for key in ("itc", "itm", "itg", "loss"):

@@ -87,6 +87,7 @@ def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, pe
     ``train.itm_reuse_image_kv``; returns the time ratios (variant / ours): "lavis", "shared_kv"
     (re-encoding / reusing), "fused_pass" (separate / one pass)."""
     cfg = trainer.cfg.train
+    ours_flags = cfg.itc_one_pass, cfg.itm_reuse_image_kv
 
     def run(one_pass: bool, reuse: bool):
         def go():
@@ -94,7 +95,7 @@ def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, pe
             try:
                 trainer.step(batch)
             finally:
-                cfg.itc_one_pass = cfg.itm_reuse_image_kv = True
+                cfg.itc_one_pass, cfg.itm_reuse_image_kv = ours_flags
         return go
 
     variants = {"ours": lambda: trainer.step(batch)}
