@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from qvlm.bench.shapes import SHAPES, Shapes
+from qvlm.bench.timing import Ratio
 
 __all__ = ["run_bench", "PLANS"]
 NOISY = 0.5  # a row whose (max - min) / median of timed rounds exceeds this is flagged in the notes
@@ -41,6 +42,7 @@ class Plan:
     repeats: int  # timed rounds of the headline comparisons (after ``warmup`` untimed ones)
     warmup: int
     option_repeats: int  # timed rounds of the other rows (options, padding, generation)
+    qformer_repeats: int  # timed rounds of the Q-Former rows (cheap: 5 rounds make its range a 94% interval)
     qformer_batch: int
     stage1_batch: int  # real shapes (ViT-B/16)
     vitl_batch: int
@@ -59,17 +61,17 @@ class Plan:
 
 
 PLANS = {
-    "quick": Plan(repeats=3, warmup=0, option_repeats=3, qformer_batch=4, stage1_batch=2, vitl_batch=2,
-                  demo_stage1_batch=8, stage2_batch=2, demo_stage2_batch=2, gen_batch=4, gen_tokens=6,
-                  gen_demo=False, structure=False, options=False, compile=False, vitl=""),
-    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_batch=8, stage1_batch=8, vitl_batch=4,
-                 demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8, gen_tokens=16,
-                 gen_demo=True, structure=True, options=True, compile=True),
+    "quick": Plan(repeats=3, warmup=0, option_repeats=3, qformer_repeats=5, qformer_batch=4, stage1_batch=2,
+                  vitl_batch=2, demo_stage1_batch=8, stage2_batch=2, demo_stage2_batch=2, gen_batch=4,
+                  gen_tokens=6, gen_demo=False, structure=False, options=False, compile=False, vitl=""),
+    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_repeats=5, qformer_batch=8, stage1_batch=8,
+                 vitl_batch=4, demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8,
+                 gen_tokens=16, gen_demo=True, structure=True, options=True, compile=True),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
-    "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_batch=2, stage1_batch=2, vitl_batch=2,
-                  demo_stage1_batch=2, stage2_batch=2, demo_stage2_batch=2, gen_batch=2, gen_tokens=2,
-                  gen_demo=True, structure=True, options=True, compile=False, real="smoke", vitl="smoke",
-                  demo="smoke"),
+    "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_repeats=1, qformer_batch=2, stage1_batch=2,
+                  vitl_batch=2, demo_stage1_batch=2, stage2_batch=2, demo_stage2_batch=2, gen_batch=2,
+                  gen_tokens=2, gen_demo=True, structure=True, options=True, compile=False, real="smoke",
+                  vitl="smoke", demo="smoke"),
 }
 
 
@@ -159,6 +161,8 @@ def finish(report: dict, bench, start: float, done: bool) -> dict:
     report["rows"], report["notes"] = list(bench.rows), notes
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
         report["ratios"].setdefault(key, None)
+    report["ratio_ranges"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds}
+                              for k, v in report["ratios"].items() if isinstance(v, Ratio)}
     report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}
     report["load_avg_end"] = load_avg()
     report["wall_s"] = round(time.perf_counter() - start, 1)
@@ -195,17 +199,21 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     if p.structure:  # the full run: also ours with self-attention's q/k/v as one GEMM (train.fused_qkv)
         modules["ours_fused_qkv"] = copy.deepcopy(modules["ours"])
         modules["ours_fused_qkv"].fuse_qkv(True)
+    else:  # --quick: the headline pair alone, for more rounds in the same time
+        del modules["hf_eager"]
     counts = {k: comparable_params(m) for k, m in modules.items()}
     batches = [p.qformer_batch] + ([GPU_QFORMER_BATCH] if bench.device.type == "cuda" and real.name != "smoke" else [])
     for batch in batches:
         suffix = "" if batch == p.qformer_batch else f"_b{batch}"
-        timings = time_qformers(bench, modules, dims, tokens, batch, counts)
-        ours = timings["ours"].median
-        report["ratios"][f"qformer_vs_hf_blip2{suffix}"] = timings["hf_sdpa"].median / ours
-        report["ratios"][f"qformer_vs_hf_blip2_eager{suffix}"] = timings["hf_eager"].median / ours
-        report["ratios"][f"hf_sdpa_vs_eager{suffix}"] = timings["hf_eager"].median / timings["hf_sdpa"].median
+        with bench.rounds(p.qformer_repeats):
+            timings = time_qformers(bench, modules, dims, tokens, batch, counts)
+        ours = timings["ours"]
+        report["ratios"][f"qformer_vs_hf_blip2{suffix}"] = Ratio.of(timings["hf_sdpa"], ours)
+        if "hf_eager" in timings:
+            report["ratios"][f"qformer_vs_hf_blip2_eager{suffix}"] = Ratio.of(timings["hf_eager"], ours)
+            report["ratios"][f"hf_sdpa_vs_eager{suffix}"] = Ratio.of(timings["hf_eager"], timings["hf_sdpa"])
         if "ours_fused_qkv" in timings:
-            report["ratios"][f"fused_qkv_qformer{suffix}"] = ours / timings["ours_fused_qkv"].median
+            report["ratios"][f"fused_qkv_qformer{suffix}"] = Ratio.of(ours, timings["ours_fused_qkv"])
     report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
     del modules
 
@@ -250,9 +258,9 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
     found["length_grouping_padding_saved"] = grouping["saving"]
     if not p.structure:
-        bench.notes.append("--quick: ViT-L/14 and the demo's stage-1 shapes, fused vs LAVIS-style passes, padding, "
-                           "gradient checkpointing, torch.compile, AdamW variants and DataLoader workers are "
-                           "measured by the full run only")
+        bench.notes.append("--quick: Blip2QFormerModel with eager attention, ViT-L/14 and the demo's stage-1 "
+                           "shapes, fused vs LAVIS-style passes, padding, gradient checkpointing, torch.compile, "
+                           "AdamW variants and DataLoader workers are measured by the full run only")
         return
     trainer = build_trainer(real, bench, stage=1, batch_size=batch)
     files = SceneFiles(bench.work, real.file_size, 2 * batch)

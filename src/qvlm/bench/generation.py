@@ -13,6 +13,7 @@ import torch
 
 from qvlm.bench.harness import Bench, SceneFiles, row
 from qvlm.bench.shapes import Shapes
+from qvlm.bench.timing import Ratio
 
 GROUP = "caption generation"
 COMPILED_GROUP = "caption generation: compiled decoding"
@@ -80,11 +81,11 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         out["ms_per_image"] = round(out["ms"] / n, 1)
     ratios = {}
     if compiled:
-        ratios["compiled_latency"] = timings["1-cache"].median / timings["1-compiled"].median
-        ratios["compiled_batched"] = timings[f"{batch_size}-cache"].median / timings[f"{batch_size}-compiled"].median
+        ratios["compiled_latency"] = Ratio.of(timings["1-cache"], timings["1-compiled"])
+        ratios["compiled_batched"] = Ratio.of(timings[f"{batch_size}-cache"], timings[f"{batch_size}-compiled"])
         ratios["compile_seconds"] = round(sum(compile_seconds.values()), 1)
     if without_cache:
-        ratios["latency"] = timings["1-nocache"].median / timings["1-cache"].median
-        ratios["batched"] = timings[f"{batch_size}-nocache"].median / timings[f"{batch_size}-cache"].median
+        ratios["latency"] = Ratio.of(timings["1-nocache"], timings["1-cache"])
+        ratios["batched"] = Ratio.of(timings[f"{batch_size}-nocache"], timings[f"{batch_size}-cache"])
     return ratios
 

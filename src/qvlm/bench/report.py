@@ -61,12 +61,27 @@ def memory(r: dict) -> str:
     return f"{r['peak_mem_mb']:.0f} (+{r['mem_growth_mb']:.0f})"
 
 
+def round_range(r: dict | None) -> str:
+    """"rounds 0.97-1.10 (n=5)": the ratio's lowest and highest round (``timing.Ratio``)."""
+    return "" if r is None else f"rounds {r['low']:.2f}-{r['high']:.2f} (n={r['rounds']})"
+
+
+def goal_verdict(value: float, goal: float, rounds: dict | None) -> str:
+    """"met" only when the round-by-round range clears the goal too; a median that clears it while a
+    round fell short says so."""
+    if value < goal:
+        return "NOT met"
+    if rounds is not None and rounds["low"] < goal:
+        return "met by the median, not in every round"
+    return "met"
+
+
 def table(report: dict) -> str:
     """Rows grouped by benchmark, then the ratios and notes."""
     head = (f"qvlm bench on {report['device']} ({report['threads']} threads), {report['precision']}, "
-            f"{'--quick' if report['quick'] else 'full'}; median of {report['repeats']} timed runs after "
-            f"{report['warmup']} warm-up, variants interleaved; load average {report['load_avg_start']} at start, "
-            f"{report['load_avg_end']} at end")
+            f"{'--quick' if report['quick'] else 'full'}; median of {report['repeats']} timed runs (ratios give "
+            f"their own n) after {report['warmup']} warm-up, variants interleaved; load average "
+            f"{report['load_avg_start']} at start, {report['load_avg_end']} at end")
     mem_kind = next((r["mem_kind"] for r in report["rows"] if "mem_kind" in r), "-")
     lines = [head, f"memory: MiB, {mem_kind} (+ growth during the measured call)", ""]
     columns = ("name", "shapes", "B", "seq", "precision", "ms", "±", "throughput", "memory", "TFLOP/s", "MFU", "note")
@@ -84,14 +99,17 @@ def table(report: dict) -> str:
         for c in cells:
             lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
         lines.append("")
-    lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins):")
+    lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins), with the lowest and "
+                 "highest of the same ratio round by round:")
+    ranges = report.get("ratio_ranges", {})
     for key, value in report["ratios"].items():
         goal = RATIO_GOALS.get(key)
         if value is None:
             lines.append(f"  {key:<34}      -  (not measured: see notes)")
             continue
-        verdict = "" if goal is None else f"  goal >= {goal}: {'met' if value >= goal else 'NOT met'}"
-        lines.append(f"  {key:<34} {value:6.2f}  ({RATIO_MEANING.get(key, '')}){verdict}")
+        verdict = "" if goal is None else f"  goal >= {goal}: {goal_verdict(value, goal, ranges.get(key))}"
+        lines.append(f"  {key:<34} {value:6.2f}  {round_range(ranges.get(key)):<20} "
+                     f"({RATIO_MEANING.get(key, '')}){verdict}")
     for key, value in report.get("findings", {}).items():
         lines.append(f"  {key:<34} {value}")
     if report["notes"]:

@@ -25,7 +25,7 @@ from qvlm.bench import flops as FL
 from qvlm.bench.harness import (Bench, SceneFiles, Trainer, build_trainer, fixed_stage1_batch, row,
                                 stage1_collator, to_device)
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import sync_fields, synchronizer
+from qvlm.bench.timing import Ratio, sync_fields, synchronizer
 
 GROUP = "stage-1 train step"
 
@@ -69,7 +69,7 @@ def cached_vs_pixels(bench: Bench, shapes: Shapes, batch_size: int, peak: float 
         note = f"cache built once in {build_s:.1f} s ({files.n} images)" if name == "cached" else ""
         row(bench, GROUP, label, shapes.label, batch_size, seq_label(trainer, shown), timings[name], None, fl, peak,
             note=note)
-    return timings["pixels"].median / timings["cached"].median
+    return Ratio.of(timings["pixels"], timings["cached"])
 
 
 # ---- fused vs LAVIS-style passes ----------------------------------------------------------------
@@ -107,10 +107,9 @@ def fused_vs_unfused(bench: Bench, trainer: Trainer, batch: dict, label: str, pe
     ours_row.update(sync_fields(lambda: trainer.step(batch), bench.device))  # GPU only: host waits in the step
     for name in PASS_VARIANTS:
         row(bench, GROUP, name, label, b, seq, timings[name], note="same losses")
-    ours = timings["ours"].median
     names = list(PASS_VARIANTS)
-    return {"shared_kv": timings[names[0]].median / ours, "fused_pass": timings[names[1]].median / ours,
-            "lavis": timings[names[2]].median / ours}
+    return {key: Ratio.of(timings[name], timings["ours"])
+            for key, name in zip(("shared_kv", "fused_pass", "lavis"), names)}
 
 
 # ---- padding ------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ def dynamic_padding(bench: Bench, trainer: Trainer, batch: dict, label: str) -> 
     row(bench, GROUP, "dynamic padding (longest in batch)", label, b, seq_label(trainer, batch), timings["dynamic"])
     row(bench, GROUP, f"padded to max_text_len={full['input_ids'].shape[1]}", label, b, seq_label(trainer, full),
         timings["max"])
-    return timings["max"].median / timings["dynamic"].median
+    return Ratio.of(timings["max"], timings["dynamic"])
 
 
 def length_grouping(bench: Bench, batch_size: int, n: int = 2000) -> dict:
@@ -203,7 +202,7 @@ def compiled(bench: Bench, shapes: Shapes, batch_size: int, files: SceneFiles) -
     row(bench, GROUP, "eager (train.compile=false)", shapes.label, b, seq, timings["eager"])
     row(bench, GROUP, "torch.compile Q-Former (train.compile=true)", shapes.label, b, seq, timings["compiled"],
         note=f"compile {compile_s:.0f} s (first call, inductor cache as found)")
-    return {"ok": True, "speedup": timings["eager"].median / timings["compiled"].median, "compile_s": compile_s}
+    return {"ok": True, "speedup": Ratio.of(timings["eager"], timings["compiled"]), "compile_s": compile_s}
 
 
 def adamw(bench: Bench, trainer: Trainer, label: str) -> dict:

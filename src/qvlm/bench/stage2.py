@@ -17,7 +17,7 @@ from qvlm import losses as L
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, Trainer, build_trainer, row, to_device
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import device_time, sync_fields, synchronizer
+from qvlm.bench.timing import Ratio, device_time, sync_fields, synchronizer
 
 GROUP = "stage-2 train step"
 
@@ -103,7 +103,7 @@ def padding(bench: Bench, trainer: Trainer, files: SceneFiles, batch: dict, labe
     row(bench, GROUP, "rows padded to the longest", label, b, seq_label(trainer, batch), timings["longest"])
     row(bench, GROUP, f"rows padded to a multiple of {multiple}", label, b, seq_label(trainer, padded),
         timings["multiple"])
-    return timings["longest"].median / timings["multiple"].median
+    return Ratio.of(timings["longest"], timings["multiple"])
 
 
 def shared_prefix_rows(bench: Bench, shapes: Shapes, batch_size: int) -> float:
@@ -127,7 +127,7 @@ def shared_prefix_rows(bench: Bench, shapes: Shapes, batch_size: int) -> float:
     row(bench, GROUP, "LoRA from the image on: shared prompt prefix once", shapes.label, batch_size, seq,
         timings["shared"])
     trainer.model.llm.release_frozen_copies()
-    return timings["full"].median / timings["shared"].median
+    return Ratio.of(timings["full"], timings["shared"])
 
 
 def fits(trainer: Trainer, files: SceneFiles, batch_size: int) -> bool:

@@ -3,7 +3,8 @@
 ``time_interleaved`` runs each variant once per round (after untimed warm-up rounds), so noise from
 other jobs on a shared machine hits every variant alike, and reverses the order every other round,
 so no variant always runs first or after the same neighbour (on the H100, the first variant of a
-round was often the slowest); a variant's time is the median of its rounds. With ``track_memory``
+round was often the slowest); a variant's time is the median of its rounds. ``Ratio.of`` compares
+two variants: the ratio of their medians, and its range over the rounds paired. With ``track_memory``
 every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
 ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's resident set size sampled
 every 2 ms by a thread (everything the process holds: weights, optimiser state, activations, the
@@ -42,6 +43,37 @@ class Timing:
     def spread(self) -> float:
         """(max - min) / median of the timed rounds: how noisy the measurement was."""
         return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
+
+
+class Ratio(float):
+    """``ref.median / ours.median`` (ours faster by) of two variants timed in the same interleaved
+    rounds, with the same ratio round by round: ``low`` and ``high`` are the smallest and largest of
+    the ``rounds`` per-round ratios. A round runs both variants back to back, so a slow spell of the
+    machine that hits both cancels in that round's ratio. [low, high] is a distribution-free
+    confidence interval for the median per-round ratio, of ``coverage`` 1 - 2 / 2**rounds (75% for 3
+    rounds, 94% for 5); one that contains 1.0 means the run could not tell the two apart. A float, so
+    it goes wherever the plain ratio went."""
+
+    low: float
+    high: float
+    rounds: int
+
+    def __new__(cls, value: float, low: float, high: float, rounds: int) -> Ratio:
+        ratio = super().__new__(cls, value)
+        ratio.low, ratio.high, ratio.rounds = low, high, rounds
+        return ratio
+
+    @classmethod
+    def of(cls, ref: Timing, ours: Timing) -> Ratio:
+        if len(ref.seconds) != len(ours.seconds) or not ref.seconds:
+            raise ValueError(f"paired ratio needs the same rounds on both sides, got {len(ref.seconds)} and "
+                             f"{len(ours.seconds)}")
+        per_round = [r / o for r, o in zip(ref.seconds, ours.seconds)]
+        return cls(ref.median / ours.median, min(per_round), max(per_round), len(per_round))
+
+    @property
+    def coverage(self) -> float:
+        return 1 - 2 * 0.5 ** self.rounds
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
