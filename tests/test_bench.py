@@ -40,7 +40,21 @@ def test_time_interleaved_alternates_variants_and_their_order_and_takes_the_medi
         time_interleaved({"a": variant("a")}, repeats=0)
 
 
-def test_ratio_of_medians_with_its_range_over_paired_rounds():
+def test_median_interval_order_statistics_and_coverage():
+    from qvlm.bench.timing import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)  # too few for 90%: the lowest and highest
+    low, high, coverage = median_interval([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (low, high) == (1.0, 5.0) and coverage == pytest.approx(1 - 2 / 32)
+    low, high, coverage = median_interval([float(x) for x in range(9, 0, -1)])
+    assert (low, high) == (2.0, 8.0) and coverage == pytest.approx(1 - 2 * 10 / 512)  # k = 2: 96%
+    low, high, coverage = median_interval([float(x) for x in range(20)])
+    assert (low, high) == (5.0, 14.0) and coverage >= 0.9  # k = 6 of 20
+    assert median_interval([float(x) for x in range(20)], confidence=0.5)[2] >= 0.5
+    assert median_interval([2.0]) == (2.0, 2.0, 0.0)
+
+
+def test_ratio_of_medians_with_an_interval_over_paired_rounds():
     from qvlm.bench.timing import Ratio
 
     ref, ours = Timing([2.0, 9.0, 3.0, 4.0, 3.0]), Timing([1.0, 3.0, 2.0, 4.0, 1.0])
@@ -51,7 +65,7 @@ def test_ratio_of_medians_with_its_range_over_paired_rounds():
         Ratio.of(ref, Timing([1.0]))
 
 
-def test_report_table_shows_ratio_ranges_and_goal_verdicts():
+def test_report_table_shows_ratio_intervals_and_goal_verdicts():
     from qvlm.bench import finish
     from qvlm.bench.report import goal_verdict, table
     from qvlm.bench.timing import Ratio
@@ -61,16 +75,16 @@ def test_report_table_shows_ratio_ranges_and_goal_verdicts():
 
     report = {"device": "CPU", "threads": 2, "precision": "fp32", "quick": True, "repeats": 3, "warmup": 0,
               "load_avg_start": [], "findings": {},
-              "ratios": {"qformer_vs_hf_blip2": Ratio(1.25, 0.9, 1.3, 3), "workers_pixels_stage1": 0.8}}
+              "ratios": {"qformer_vs_hf_blip2": Ratio(1.25, 0.9, 1.3, 5, 0.9375), "workers_pixels_stage1": 0.8}}
     out = finish(report, NoRows(), start=0.0, done=True)
     assert out["ratios"] == {"qformer_vs_hf_blip2": 1.25, "workers_pixels_stage1": 0.8, "cached_vs_pixels_stage1": None,
                              "kv_cache_generation": None}
-    assert out["ratio_ranges"] == {"qformer_vs_hf_blip2": {"low": 0.9, "high": 1.3, "rounds": 3}}
+    assert out["ratio_ranges"] == {"qformer_vs_hf_blip2": {"low": 0.9, "high": 1.3, "rounds": 5, "coverage": 0.938}}
     text = table(out)
-    assert "rounds 0.90-1.30 (n=3)" in text and "goal >= 1.2: met by the median, not in every round" in text
-    assert goal_verdict(1.25, 1.2, {"low": 1.21, "high": 1.3, "rounds": 3}) == "met"
+    assert "0.90-1.30 (94%, n=5)" in text and "goal >= 1.2: met by the median, not by its interval" in text
+    assert goal_verdict(1.25, 1.2, {"low": 1.21, "high": 1.3, "rounds": 5}) == "met"
     assert goal_verdict(1.25, 1.2, None) == "met"
-    assert goal_verdict(1.1, 1.2, {"low": 1.0, "high": 1.3, "rounds": 3}) == "NOT met"
+    assert goal_verdict(1.1, 1.2, {"low": 1.0, "high": 1.3, "rounds": 5}) == "NOT met"
 
 
 def test_flops_multipliers_and_mfu_on_hand_numbers():
@@ -139,8 +153,9 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     assert len(stage2) == 2  # demo and real roles
     assert report["ratios"]["pad16_vs_longest_stage2"] > 0 and report["ratios"]["shared_prefix_stage2"] > 0
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "shared_prefix_stage2"):
-        rounds = report["ratio_ranges"][key]  # the smoke plan times one round: the range is the ratio itself
-        assert rounds["rounds"] == 1 and rounds["low"] == rounds["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
+        rounds = report["ratio_ranges"][key]  # the smoke plan times one round: the interval is the ratio itself
+        assert rounds["rounds"] == 1 and rounds["coverage"] == 0
+        assert rounds["low"] == rounds["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
     padded = [r for r in report["rows"] if r["name"] == "rows padded to a multiple of 16"]
     longest = [r for r in report["rows"] if r["name"] == "rows padded to the longest"]
     assert len(padded) == len(longest) == 1 and int(padded[0]["seq"].split()[0].removeprefix("T=")) % 16 == 0

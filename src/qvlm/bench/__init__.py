@@ -42,7 +42,7 @@ class Plan:
     repeats: int  # timed rounds of the headline comparisons (after ``warmup`` untimed ones)
     warmup: int
     option_repeats: int  # timed rounds of the other rows (options, padding, generation)
-    qformer_repeats: int  # timed rounds of the Q-Former rows (cheap: 5 rounds make its range a 94% interval)
+    qformer_repeats: int  # timed rounds of the Q-Former rows: cheap, and more rounds narrow its ratio's interval
     qformer_batch: int
     stage1_batch: int  # real shapes (ViT-B/16)
     vitl_batch: int
@@ -64,7 +64,7 @@ PLANS = {
     "quick": Plan(repeats=3, warmup=0, option_repeats=3, qformer_repeats=5, qformer_batch=4, stage1_batch=2,
                   vitl_batch=2, demo_stage1_batch=8, stage2_batch=2, demo_stage2_batch=2, gen_batch=4,
                   gen_tokens=6, gen_demo=False, structure=False, options=False, compile=False, vitl=""),
-    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_repeats=5, qformer_batch=8, stage1_batch=8,
+    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_repeats=9, qformer_batch=8, stage1_batch=8,
                  vitl_batch=4, demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8,
                  gen_tokens=16, gen_demo=True, structure=True, options=True, compile=True),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
@@ -161,7 +161,8 @@ def finish(report: dict, bench, start: float, done: bool) -> dict:
     report["rows"], report["notes"] = list(bench.rows), notes
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
         report["ratios"].setdefault(key, None)
-    report["ratio_ranges"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds}
+    report["ratio_ranges"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds,
+                                  "coverage": round(v.coverage, 3)}
                               for k, v in report["ratios"].items() if isinstance(v, Ratio)}
     report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}
     report["load_avg_end"] = load_avg()

@@ -62,17 +62,21 @@ def memory(r: dict) -> str:
 
 
 def round_range(r: dict | None) -> str:
-    """"rounds 0.97-1.10 (n=5)": the ratio's lowest and highest round (``timing.Ratio``)."""
-    return "" if r is None else f"rounds {r['low']:.2f}-{r['high']:.2f} (n={r['rounds']})"
+    """"0.97-1.10 (94%, n=5)": the ratio's confidence interval from its rounds (``timing.Ratio``)."""
+    if r is None:
+        return ""
+    if r["rounds"] < 2:
+        return "(1 round)"
+    return f"{r['low']:.2f}-{r['high']:.2f} ({100 * r['coverage']:.0f}%, n={r['rounds']})"
 
 
 def goal_verdict(value: float, goal: float, rounds: dict | None) -> str:
-    """"met" only when the round-by-round range clears the goal too; a median that clears it while a
-    round fell short says so."""
+    """"met" only when the ratio's interval clears the goal too; a median that clears it with an
+    interval that does not says so."""
     if value < goal:
         return "NOT met"
     if rounds is not None and rounds["low"] < goal:
-        return "met by the median, not in every round"
+        return "met by the median, not by its interval"
     return "met"
 
 
@@ -99,8 +103,8 @@ def table(report: dict) -> str:
         for c in cells:
             lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
         lines.append("")
-    lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins), with the lowest and "
-                 "highest of the same ratio round by round:")
+    lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins), each with a confidence "
+                 "interval from its rounds taken pairwise (its coverage, its rounds):")
     ranges = report.get("ratio_ranges", {})
     for key, value in report["ratios"].items():
         goal = RATIO_GOALS.get(key)

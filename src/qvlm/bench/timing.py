@@ -4,7 +4,7 @@
 other jobs on a shared machine hits every variant alike, and reverses the order every other round,
 so no variant always runs first or after the same neighbour (on the H100, the first variant of a
 round was often the slowest); a variant's time is the median of its rounds. ``Ratio.of`` compares
-two variants: the ratio of their medians, and its range over the rounds paired. With ``track_memory``
+two variants: the ratio of their medians, with a confidence interval from the rounds paired. With ``track_memory``
 every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
 ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's resident set size sampled
 every 2 ms by a thread (everything the process holds: weights, optimiser state, activations, the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import statistics
 import threading
@@ -45,22 +46,41 @@ class Timing:
         return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
 
 
+CONFIDENCE = 0.9  # the coverage a ratio's interval aims for
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """A distribution-free confidence interval for the median of ``values`` (independent draws):
+    the k-th lowest and the k-th highest value, for the largest k whose coverage
+    1 - 2 P(Binomial(n, 1/2) < k) is at least ``confidence`` (k = 1, the lowest and highest, when none
+    is). Returns (low, high, coverage): 75% for 3 values, 94% for 5, 96% for 9 (k = 2)."""
+    xs, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
 class Ratio(float):
     """``ref.median / ours.median`` (ours faster by) of two variants timed in the same interleaved
-    rounds, with the same ratio round by round: ``low`` and ``high`` are the smallest and largest of
-    the ``rounds`` per-round ratios. A round runs both variants back to back, so a slow spell of the
-    machine that hits both cancels in that round's ratio. [low, high] is a distribution-free
-    confidence interval for the median per-round ratio, of ``coverage`` 1 - 2 / 2**rounds (75% for 3
-    rounds, 94% for 5); one that contains 1.0 means the run could not tell the two apart. A float, so
-    it goes wherever the plain ratio went."""
+    rounds, with the same ratio taken round by round: ``low`` and ``high`` bound the median per-round
+    ratio (``median_interval`` over the ``rounds`` rounds, of confidence ``coverage``). A round runs
+    both variants back to back, so a slow spell of the machine that hits both cancels in that round's
+    ratio. An interval that contains 1.0 means the run could not tell the two apart. A float, so it
+    goes wherever the plain ratio went."""
 
     low: float
     high: float
     rounds: int
+    coverage: float
 
-    def __new__(cls, value: float, low: float, high: float, rounds: int) -> Ratio:
+    def __new__(cls, value: float, low: float, high: float, rounds: int, coverage: float) -> Ratio:
         ratio = super().__new__(cls, value)
-        ratio.low, ratio.high, ratio.rounds = low, high, rounds
+        ratio.low, ratio.high, ratio.rounds, ratio.coverage = low, high, rounds, coverage
         return ratio
 
     @classmethod
@@ -69,11 +89,8 @@ class Ratio(float):
             raise ValueError(f"paired ratio needs the same rounds on both sides, got {len(ref.seconds)} and "
                              f"{len(ours.seconds)}")
         per_round = [r / o for r, o in zip(ref.seconds, ours.seconds)]
-        return cls(ref.median / ours.median, min(per_round), max(per_round), len(per_round))
-
-    @property
-    def coverage(self) -> float:
-        return 1 - 2 * 0.5 ** self.rounds
+        low, high, coverage = median_interval(per_round)
+        return cls(ref.median / ours.median, low, high, len(per_round), coverage)
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
