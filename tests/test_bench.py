@@ -195,7 +195,8 @@ def test_bench_sections_in_order_and_json_out_written(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["bench", "--batch-search", "-1"], ["bench", "--precision", "fp16"],
-                                  ["bench", "--sections", "stage3"], ["bench", "--sections", ","]])
+                                  ["bench", "--sections", "stage3"], ["bench", "--sections", ","],
+                                  ["bench", "--json-out", "/no/such/dir/report.json"], ["bench", "--json-out", "/"]])
 def test_bench_bad_usage_exits_2(argv):
     from qvlm.cli import main
 

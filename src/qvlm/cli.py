@@ -249,6 +249,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write = None
     if args.json_out:
         out = Path(args.json_out)
+        if out.is_dir() or not out.parent.is_dir():  # say so now, not after the first section's minutes
+            raise UsageError(f"--json-out {out}: " + ("is a directory" if out.is_dir()
+                                                       else f"no such directory {out.parent}"))
 
         def write(report: dict) -> None:  # replaced atomically after every section
             tmp = out.with_name(out.name + ".tmp")
