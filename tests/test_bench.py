@@ -229,6 +229,22 @@ def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
     assert f'BEST="{best}"' in (root / "benchmarks" / "gpu_stage2.sh").read_text()
 
 
+def test_row_gather_script_runs_and_prints_its_ratio():
+    """benchmarks/bench_row_gather.py (the evidence for ``ImageKV.select``'s index_select) at batch 1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_row_gather.py"), "--rounds", "2",
+                          "--batches", "1"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1].split()
+    assert last[:2] == ["1", "3"] and float(last[2]) > 0 and float(last[3]) > 0 and float(last[5]) > 0
+
+
 def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):
     """On a GPU a train-step row records how often the step made the host wait (PyTorch's sync debug
     mode warns at each): counted by site, the mode reset afterwards; nothing on a CPU."""

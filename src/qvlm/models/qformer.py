@@ -52,8 +52,12 @@ class ImageKV:
         return next(kv[0].shape[0] for kv in self.layers if kv is not None)
 
     def select(self, rows: Tensor) -> ImageKV:
-        """Rows ``rows`` (R,) of every layer: repeat, reorder or pick images -> (R, H, N, Dh) each."""
-        return ImageKV([None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.layers])
+        """Rows ``rows`` (R,) of every layer: repeat, reorder or pick images -> (R, H, N, Dh) each.
+        By ``index_select``, whose backward adds the rows' gradients with ``index_add_``: with an
+        advanced index (``kv[rows]``, ``index_put_(accumulate=True)`` in the backward) ITM's gather took
+        2.8-4.6x as long on a CPU (``benchmarks/bench_row_gather.py``)."""
+        return ImageKV([None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
+                        for kv in self.layers])
 
     @staticmethod
     def cat(parts: list[ImageKV]) -> ImageKV:
