@@ -1,9 +1,10 @@
 """Where one train step's device time goes: ``python benchmarks/profile_step.py [--stage 2] [--batch 256]
-[--compile] [--shapes real] [--set KEY=VALUE ...]`` prints the kernels (GPU) or operators (CPU)
-that take the most time in one step of ``qvlm bench``'s trainer (random weights, bf16 autocast), and
-the operators that launched them. On a GPU it also counts the step's host-device syncs (PyTorch's
-sync debug mode: every operation that made the host wait for the GPU). For finding what to optimise;
-the speed claims themselves come from ``qvlm bench``.
+[--compile] [--shapes real] [--precision fp32] [--set KEY=VALUE ...]`` prints the kernels (GPU) or
+operators (CPU) that take the most time in one step of ``qvlm bench``'s trainer (random weights, bf16
+autocast unless ``--precision`` says otherwise), and the operators that launched them. On a GPU it
+also counts the step's host-device syncs (PyTorch's sync debug mode: every operation that made the
+host wait for the GPU). For finding what to optimise; the speed claims themselves come from
+``qvlm bench``.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the model and step, e.g. model.llm.lora.dropout=0 (repeatable)")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16",
+                    help="bf16 autocast (default), fp32, or auto: bf16 where the device runs it natively")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work, attention_backend(args.sdpa):
-        bench = Bench(device, "bf16", 1, 1, Path(work))
+        bench = Bench(device, args.precision, 1, 1, Path(work))
         trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch,
                                 overrides=tuple(args.set))
         files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
@@ -107,7 +110,8 @@ def main() -> None:
              (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1),
              (", ".join(args.set), bool(args.set)))
     extras = [name for name, on in flags if on]
-    title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}", *extras])
+    title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}, {bench.precision_label}",
+                       *extras])
     print(f"== {title}: {step_ms:.1f} ms per step (unprofiled, mean of 3); loss after 6 steps {loss:.4f}")
     if syncs is not None:
         print(f"host-device syncs in one step: {sum(syncs.values())}")
