@@ -87,7 +87,7 @@ parts = [json.load(open(path)) for path in sys.argv[2:]]
 report = dict(parts[0])  # one report of every part: rows, ratios, findings and notes together
 for key in ("rows", "notes", "sections"):
     report[key] = [x for part in parts for x in part.get(key, [])]
-for key in ("ratios", "findings", "ratio_ranges"):
+for key in ("ratios", "findings", "ratio_intervals"):
     report[key] = {k: v for part in parts for k, v in part.get(key, {}).items() if v is not None}
 report["partial"] = any(part.get("partial") for part in parts)
 report["wall_s"] = round(sum(part.get("wall_s", 0) for part in parts), 1)

@@ -79,7 +79,7 @@ def test_report_table_shows_ratio_intervals_and_goal_verdicts():
     out = finish(report, NoRows(), start=0.0, done=True)
     assert out["ratios"] == {"qformer_vs_hf_blip2": 1.25, "workers_pixels_stage1": 0.8, "cached_vs_pixels_stage1": None,
                              "kv_cache_generation": None}
-    assert out["ratio_ranges"] == {"qformer_vs_hf_blip2": {"low": 0.9, "high": 1.3, "rounds": 5, "coverage": 0.938}}
+    assert out["ratio_intervals"] == {"qformer_vs_hf_blip2": {"low": 0.9, "high": 1.3, "rounds": 5, "coverage": 0.938}}
     text = table(out)
     assert "0.90-1.30 (94%, n=5)" in text and "goal >= 1.2: met by the median, not by its interval" in text
     assert goal_verdict(1.25, 1.2, {"low": 1.21, "high": 1.3, "rounds": 5}) == "met"
@@ -153,7 +153,7 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     assert len(stage2) == 2  # demo and real roles
     assert report["ratios"]["pad16_vs_longest_stage2"] > 0 and report["ratios"]["shared_prefix_stage2"] > 0
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "shared_prefix_stage2"):
-        rounds = report["ratio_ranges"][key]  # the smoke plan times one round: the interval is the ratio itself
+        rounds = report["ratio_intervals"][key]  # the smoke plan times one round: the interval is the ratio itself
         assert rounds["rounds"] == 1 and rounds["coverage"] == 0
         assert rounds["low"] == rounds["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
     padded = [r for r in report["rows"] if r["name"] == "rows padded to a multiple of 16"]

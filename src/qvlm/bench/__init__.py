@@ -161,7 +161,7 @@ def finish(report: dict, bench, start: float, done: bool) -> dict:
     report["rows"], report["notes"] = list(bench.rows), notes
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"):
         report["ratios"].setdefault(key, None)
-    report["ratio_ranges"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds,
+    report["ratio_intervals"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds,
                                   "coverage": round(v.coverage, 3)}
                               for k, v in report["ratios"].items() if isinstance(v, Ratio)}
     report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}

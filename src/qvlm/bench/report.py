@@ -61,7 +61,7 @@ def memory(r: dict) -> str:
     return f"{r['peak_mem_mb']:.0f} (+{r['mem_growth_mb']:.0f})"
 
 
-def round_range(r: dict | None) -> str:
+def ratio_interval(r: dict | None) -> str:
     """"0.97-1.10 (94%, n=5)": the ratio's confidence interval from its rounds (``timing.Ratio``)."""
     if r is None:
         return ""
@@ -70,12 +70,12 @@ def round_range(r: dict | None) -> str:
     return f"{r['low']:.2f}-{r['high']:.2f} ({100 * r['coverage']:.0f}%, n={r['rounds']})"
 
 
-def goal_verdict(value: float, goal: float, rounds: dict | None) -> str:
+def goal_verdict(value: float, goal: float, interval: dict | None) -> str:
     """"met" only when the ratio's interval clears the goal too; a median that clears it with an
     interval that does not says so."""
     if value < goal:
         return "NOT met"
-    if rounds is not None and rounds["low"] < goal:
+    if interval is not None and interval["low"] < goal:
         return "met by the median, not by its interval"
     return "met"
 
@@ -105,14 +105,14 @@ def table(report: dict) -> str:
         lines.append("")
     lines.append("ratios (ours faster by; > 1 means the optimisation or our path wins), each with a confidence "
                  "interval from its rounds taken pairwise (its coverage, its rounds):")
-    ranges = report.get("ratio_ranges", {})
+    intervals = report.get("ratio_intervals", {})
     for key, value in report["ratios"].items():
         goal = RATIO_GOALS.get(key)
         if value is None:
             lines.append(f"  {key:<34}      -  (not measured: see notes)")
             continue
-        verdict = "" if goal is None else f"  goal >= {goal}: {goal_verdict(value, goal, ranges.get(key))}"
-        lines.append(f"  {key:<34} {value:6.2f}  {round_range(ranges.get(key)):<20} "
+        verdict = "" if goal is None else f"  goal >= {goal}: {goal_verdict(value, goal, intervals.get(key))}"
+        lines.append(f"  {key:<34} {value:6.2f}  {ratio_interval(intervals.get(key)):<20} "
                      f"({RATIO_MEANING.get(key, '')}){verdict}")
     for key, value in report.get("findings", {}).items():
         lines.append(f"  {key:<34} {value}")

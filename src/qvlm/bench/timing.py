@@ -4,8 +4,8 @@
 other jobs on a shared machine hits every variant alike, and reverses the order every other round,
 so no variant always runs first or after the same neighbour (on the H100, the first variant of a
 round was often the slowest); a variant's time is the median of its rounds. ``Ratio.of`` compares
-two variants: the ratio of their medians, with a confidence interval from the rounds paired. With ``track_memory``
-every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
+two variants: the ratio of their medians, with a confidence interval from the rounds paired. With
+``track_memory`` every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
 ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's resident set size sampled
 every 2 ms by a thread (everything the process holds: weights, optimiser state, activations, the
 allocator's cache, Python itself). That call starts from freed memory handed back to the OS
