@@ -153,9 +153,9 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     assert len(stage2) == 2  # demo and real roles
     assert report["ratios"]["pad16_vs_longest_stage2"] > 0 and report["ratios"]["shared_prefix_stage2"] > 0
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "shared_prefix_stage2"):
-        rounds = report["ratio_intervals"][key]  # the smoke plan times one round: the interval is the ratio itself
-        assert rounds["rounds"] == 1 and rounds["coverage"] == 0
-        assert rounds["low"] == rounds["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
+        interval = report["ratio_intervals"][key]  # the smoke plan times one round: the interval is the ratio itself
+        assert interval["rounds"] == 1 and interval["coverage"] == 0
+        assert interval["low"] == interval["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
     padded = [r for r in report["rows"] if r["name"] == "rows padded to a multiple of 16"]
     longest = [r for r in report["rows"] if r["name"] == "rows padded to the longest"]
     assert len(padded) == len(longest) == 1 and int(padded[0]["seq"].split()[0].removeprefix("T=")) % 16 == 0
