@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,36 +214,31 @@ def test_bench_on_cuda_without_cuda_exits_2():
     assert main(["bench", "--device", "cuda"]) == 2
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name> args...`` with qvlm importable from the source tree; output captured."""
+    src = BENCHMARKS.parent / "src"
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(src)})
+
+
 def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
     """The GPU scripts are plain bash (a syntax error would cost a GPU session), and
     stage2_variants.py refuses a variant it does not have, listing the ones it has."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     for script in ("gpu.sh", "gpu_stage2.sh"):
-        assert subprocess.run(["bash", "-n", str(root / "benchmarks" / script)]).returncode == 0, script
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "stage2_variants.py"), "--only", "no such"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root / "src")})
+        assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0, script
+    out = run_benchmark_script("stage2_variants.py", "--only", "no such")
     assert out.returncode == 2 and "no variant named ['no such']" in out.stderr
     assert "compiled, causal, LoRA dropout 0, positions found on the device" in out.stderr  # gpu_stage2.sh runs it by name
     best = "compiled, causal, LoRA dropout 0"
-    assert f'BEST="{best}"' in (root / "benchmarks" / "gpu_stage2.sh").read_text()
+    assert f'BEST="{best}"' in (BENCHMARKS / "gpu_stage2.sh").read_text()
 
 
 def test_row_gather_script_runs_and_prints_its_ratio():
     """benchmarks/bench_row_gather.py (the evidence for ``ImageKV.select``'s index_select) at batch 1."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_row_gather.py"), "--rounds", "2",
-                          "--batches", "1"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(root / "src")})
+    out = run_benchmark_script("bench_row_gather.py", "--rounds", "2", "--batches", "1")
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1].split()
     assert last[:2] == ["1", "3"] and float(last[2]) > 0 and float(last[3]) > 0 and float(last[5]) > 0
