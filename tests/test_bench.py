@@ -147,6 +147,7 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
         torch.set_num_threads(threads)
     report = json.loads(capsys.readouterr().out)
     assert report["notes"] == [n for n in report["notes"] if "failed" not in n], report["notes"]
+    assert report["malloc"] in ("keeps freed memory", "system default")  # the CLI set it up (qvlm.allocator)
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer"):
         assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
     groups = {r["group"] for r in report["rows"]}
@@ -242,6 +243,20 @@ def test_row_gather_script_runs_and_prints_its_ratio():
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1].split()
     assert last[:2] == ["1", "3"] and float(last[2]) > 0 and float(last[3]) > 0 and float(last[5]) > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_cpu_allocator_script_runs_both_variants_and_prints_its_ratio():
+    """benchmarks/bench_cpu_allocator.py (the evidence for ``qvlm.allocator``) at smoke shapes, one round."""
+    out = run_benchmark_script("bench_cpu_allocator.py", "--stages", "1", "--shapes", "smoke", "--batch", "2",
+                               "--rounds", "1", "--steps", "1", "--warmup", "0", "--precision", "fp32")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("stage 1, smoke shapes, batch 2, fp32")
+    assert [line.split(":")[0].strip() for line in lines[1:3]] == ["system", "keep"]
+    assert float(lines[-1].split()[3]) > 0  # "system / keep: R (low-high, ...)"
+    bad = run_benchmark_script("bench_cpu_allocator.py", "--stages", "3")
+    assert bad.returncode == 2 and "expected stages from 1,2" in bad.stderr
 
 
 def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):

@@ -24,6 +24,16 @@ class UsageError(Exception):
     """A bad flag or argument combination (exit code 2)."""
 
 
+def apply_allocator() -> None:
+    """Keep freed memory for the next training step (``qvlm.allocator``) unless ``QVLM_MALLOC=system``."""
+    from qvlm.allocator import apply_from_env
+
+    try:
+        apply_from_env()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def eprint(*args: object) -> None:
     print(*args, file=sys.stderr, flush=True)
 
@@ -467,8 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KEEPS_SYSTEM_MALLOC = ("serve",)  # long-lived, requests of every size: glibc's own trimming stays
+
+
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
+        if args.command not in KEEPS_SYSTEM_MALLOC:
+            apply_allocator()
         return func(args)
     except (ConfigError, UsageError, SourceError, DataSourceError) as exc:
         eprint(f"qvlm {args.command}: error: {exc}")

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from qvlm.allocator import in_effect
 from qvlm.bench.shapes import SHAPES, Shapes
 from qvlm.bench.timing import Ratio
 
@@ -114,8 +115,8 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     dev = torch.device(device)
     start = time.perf_counter()
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
-              "device_type": dev.type, "threads": torch.get_num_threads(), "quick": quick, "plan": name,
-              "repeats": p.repeats, "warmup": p.warmup, "torch": torch.__version__,
+              "device_type": dev.type, "threads": torch.get_num_threads(), "malloc": in_effect(),
+              "quick": quick, "plan": name, "repeats": p.repeats, "warmup": p.warmup, "torch": torch.__version__,
               "load_avg_start": load_avg(), "ratios": {}, "findings": {}}
     peak = FL.peak_bf16_flops(report["device"]) if dev.type == "cuda" else None
     report["peak_bf16_flops"] = peak

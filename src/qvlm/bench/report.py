@@ -82,7 +82,8 @@ def goal_verdict(value: float, goal: float, interval: dict | None) -> str:
 
 def table(report: dict) -> str:
     """Rows grouped by benchmark, then the ratios and notes."""
-    head = (f"qvlm bench on {report['device']} ({report['threads']} threads), {report['precision']}, "
+    head = (f"qvlm bench on {report['device']} ({report['threads']} threads; malloc "
+            f"{report.get('malloc', '-')}), {report['precision']}, "
             f"{'--quick' if report['quick'] else 'full'}; median of {report['repeats']} timed runs (ratios give "
             f"their own n) after {report['warmup']} warm-up, variants interleaved; load average "
             f"{report['load_avg_start']} at start, {report['load_avg_end']} at end")
