@@ -18,6 +18,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from qvlm.allocator import apply_from_env
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
 from qvlm.bench.shapes import SHAPES
 from qvlm.bench.stage2 import stage2_batch
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16",
                     help="bf16 autocast (default), fp32, or auto: bf16 where the device runs it natively")
     args = ap.parse_args()
+    apply_from_env()  # as the qvlm commands do (qvlm.allocator; QVLM_MALLOC=system: glibc's defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work, attention_backend(args.sdpa):
         bench = Bench(device, args.precision, 1, 1, Path(work))

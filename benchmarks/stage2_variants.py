@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from qvlm import losses as L
+from qvlm.allocator import apply_from_env
 from qvlm.bench import flops as FL
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer
 from qvlm.bench.shapes import SHAPES
@@ -141,6 +142,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0, help="start no variant after this many seconds (0: none)")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
+    apply_from_env()  # as the qvlm commands do (qvlm.allocator; QVLM_MALLOC=system: glibc's defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = FL.peak_bf16_flops(name)
