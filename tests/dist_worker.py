@@ -84,7 +84,9 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown scenario {positional[0]!r}")
     finally:
-        D.teardown()
+        several = D.teardown()
+    if several:
+        D.exit_rank(0)  # as `qvlm train` ends a rank
 
 
 if __name__ == "__main__":

@@ -148,3 +148,14 @@ def test_stage2_two_processes_match_one(tmp_path):
     for r1, r2 in zip(losses(one), losses(tmp_path / "two"), strict=True):
         assert r1["lm"] == pytest.approx(r2["lm"], abs=1e-5)
     assert_same(weights(one), weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_a_finished_rank_exits_with_its_code_and_flushed_streams():
+    # exit_rank skips the interpreter's teardown (where gloo's threads can abort a rank): what was
+    # printed still arrives, the code is the one given, and no atexit handler runs
+    script = ("import atexit, sys\nfrom qvlm.train import distributed as D\n"
+              "assert D.teardown() is False  # no process group: nothing to destroy\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "print('saved', end='')\nsys.stderr.write('note')\nD.exit_rank(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "saved", "note")

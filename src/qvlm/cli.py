@@ -86,9 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
     finally:
-        D.teardown()  # under torchrun: stop the process group's threads before exit
+        several = D.teardown()  # under torchrun: stop the process group's threads before exit
     if args.json:
         print_json(result)
+    if several:
+        D.exit_rank(0)  # the run is saved: skip the interpreter's teardown, where gloo can abort a rank
     return 0
 
 
