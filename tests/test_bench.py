@@ -148,7 +148,8 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["notes"] == [n for n in report["notes"] if "failed" not in n], report["notes"]
     assert report["malloc"] in ("keeps freed memory", "system default")  # the CLI set it up (qvlm.allocator)
-    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer"):
+    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer",
+                "cheap_dropout_qformer"):
         assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
     groups = {r["group"] for r in report["rows"]}
     assert {"stage-1 train step", "stage-2 train step", "caption generation"} <= groups

@@ -189,6 +189,7 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     """Ours against ``Blip2QFormerModel`` at the plan's batch (the headline ratios) and, on a GPU,
     also at ``GPU_QFORMER_BATCH`` (ratios suffixed ``_b256``)."""
     from qvlm.bench.qformer_ref import build_pair, comparable_params
+    from qvlm.models.dropout import Dropout
 
     real = shapes_of(p, "real")
     if real.name == "smoke":
@@ -198,9 +199,13 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
         dims = dict(hidden=768, layers=12, heads=12, intermediate=3072, vision_width=768, queries=32)
         tokens = 197  # ViT-B/16 at 224 px
     modules = {k: m.to(bench.device) for k, m in build_pair(**dims).items()}
-    if p.structure:  # the full run: also ours with self-attention's q/k/v as one GEMM (train.fused_qkv)
-        modules["ours_fused_qkv"] = copy.deepcopy(modules["ours"])
+    if p.structure:  # the full run: also ours with self-attention's q/k/v as one GEMM (train.fused_qkv),
+        modules["ours_fused_qkv"] = copy.deepcopy(modules["ours"])  # and ours with PyTorch's dropout masks
         modules["ours_fused_qkv"].fuse_qkv(True)
+        modules["ours_torch_dropout"] = copy.deepcopy(modules["ours"])
+        for m in modules["ours_torch_dropout"].modules():
+            if isinstance(m, Dropout):
+                m.cheap_masks = False
     else:  # --quick: the headline pair alone, for more rounds in the same time
         del modules["hf_eager"]
     counts = {k: comparable_params(m) for k, m in modules.items()}
@@ -216,6 +221,8 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
             report["ratios"][f"hf_sdpa_vs_eager{suffix}"] = Ratio.of(timings["hf_eager"], timings["hf_sdpa"])
         if "ours_fused_qkv" in timings:
             report["ratios"][f"fused_qkv_qformer{suffix}"] = Ratio.of(ours, timings["ours_fused_qkv"])
+        if "ours_torch_dropout" in timings:
+            report["ratios"][f"cheap_dropout_qformer{suffix}"] = Ratio.of(timings["ours_torch_dropout"], ours)
     report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
     del modules
 
@@ -234,7 +241,8 @@ def time_qformers(bench, modules: dict, dims: dict, tokens: int, batch: int, cou
              f"cross-attn every 2, Dv {dims['vision_width']}")
     names = {"ours": "ours (qvlm QFormer, SDPA)", "hf_sdpa": "transformers Blip2QFormerModel, sdpa",
              "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)",
-             "ours_fused_qkv": "ours, self-attention q/k/v as one GEMM (train.fused_qkv)"}
+             "ours_fused_qkv": "ours, self-attention q/k/v as one GEMM (train.fused_qkv)",
+             "ours_torch_dropout": "ours, PyTorch's dropout masks (bernoulli_) for the hidden dropouts"}
     for key, timing in timings.items():
         row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, batch,
             f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key] / 1e6:.2f}M params compared")

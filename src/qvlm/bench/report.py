@@ -14,6 +14,9 @@ RATIO_MEANING = {
     "hf_sdpa_vs_eager_b256": "the same at batch 256 (GPUs): Blip2QFormerModel eager attention / SDPA attention",
     "fused_qkv_qformer": "Q-Former fwd+bwd: ours / ours with self-attention q/k/v as one GEMM (train.fused_qkv)",
     "fused_qkv_qformer_b256": "the same at batch 256 (GPUs): ours / ours with q/k/v as one GEMM",
+    "cheap_dropout_qformer": "Q-Former fwd+bwd: ours with PyTorch's dropout masks (bernoulli_) / ours (CPU masks "
+                             "from random words)",
+    "cheap_dropout_qformer_b256": "the same at batch 256 (GPUs, where both use F.dropout)",
     "cached_vs_pixels_stage1": "stage-1 step at ViT-B/16-224: from image files / from cached features",
     "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",
     "cached_vs_pixels_stage1_demo": "stage-1 step at demo shapes: from image files / from cached features",
