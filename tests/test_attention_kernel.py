@@ -51,3 +51,28 @@ def test_same_values_and_gradients_as_the_default_kernel():
     ref.square().sum().backward()
     assert torch.allclose(ours, ref, atol=1e-5)
     assert all(torch.allclose(g, t.grad, atol=1e-5) for g, t in zip(grads, (q, k, v)))
+
+
+def test_cpu_training_attention_keeps_bf16_in_its_precision_and_upcast_math_restores_pytorchs_default():
+    from qvlm.models.attention_kernel import training_kernel, upcast_math
+
+    flag = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed
+    assert not flag()  # PyTorch's default, outside our contexts
+    with training_kernel(CPU, MATH_MAX_LEN + 69):  # longer: PyTorch's kernel choice, but the flag is on
+        assert flag()
+    with upcast_math(), training_kernel(CPU, 16):
+        assert not flag()
+    with torch.no_grad(), training_kernel(CPU, 16, needs_grad=False):
+        assert not flag()
+    assert not flag()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 24, 16, generator=gen) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    ours = sdpa(q, k, v)
+    ours.float().sum().backward()
+    assert ours.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    with upcast_math():
+        upcast = sdpa(q, k, v)
+    assert not torch.equal(ours, upcast)  # the flag took: the math kernel ran in bf16, not fp32
+    assert (ours.float() - exact).abs().max() < 0.02 and (upcast.float() - exact).abs().max() < 0.02

@@ -13,6 +13,7 @@ come from ``flops``, timing and memory from ``timing``, the table and JSON from 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
@@ -206,6 +207,8 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
         for m in modules["ours_torch_dropout"].modules():
             if isinstance(m, Dropout):
                 m.cheap_masks = False
+        if bench.device.type == "cpu" and bench.bf16:  # and ours with the math kernel's fp32 upcast
+            modules["ours_upcast_math"] = modules["ours"]  # (the same weights, under attention_kernel.upcast_math)
     else:  # --quick: the headline pair alone, for more rounds in the same time
         del modules["hf_eager"]
     counts = {k: comparable_params(m) for k, m in modules.items()}
@@ -223,6 +226,8 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
             report["ratios"][f"fused_qkv_qformer{suffix}"] = Ratio.of(ours, timings["ours_fused_qkv"])
         if "ours_torch_dropout" in timings:
             report["ratios"][f"cheap_dropout_qformer{suffix}"] = Ratio.of(timings["ours_torch_dropout"], ours)
+        if "ours_upcast_math" in timings:
+            report["ratios"][f"bf16_math_attention_qformer{suffix}"] = Ratio.of(timings["ours_upcast_math"], ours)
     report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
     del modules
 
@@ -231,18 +236,27 @@ def time_qformers(bench, modules: dict, dims: dict, tokens: int, batch: int, cou
     """Interleaved forward + backward timings of the three query paths at ``batch``, and their rows."""
     from qvlm.bench.harness import row
     from qvlm.bench.qformer_ref import fwd_bwd
+    from qvlm.models.attention_kernel import upcast_math
 
     g = torch.Generator().manual_seed(0)
     image = torch.randn(batch, tokens, dims["vision_width"], generator=g).to(bench.device)
     probe = torch.randn(dims["queries"], dims["hidden"], generator=g).to(bench.device)
-    variants = {k: (lambda m=m: fwd_bwd(m, image, probe, bench.autocast())) for k, m in modules.items()}
+
+    def variant(key: str, module: torch.nn.Module) -> Callable[[], None]:
+        def call():
+            with upcast_math() if key == "ours_upcast_math" else contextlib.nullcontext():
+                fwd_bwd(module, image, probe, bench.autocast())
+        return call
+
+    variants = {k: variant(k, m) for k, m in modules.items()}
     timings = bench.time(variants)
     label = (f"{dims['layers']} layers, width {dims['hidden']}, {dims['heads']} heads, FFN {dims['intermediate']}, "
              f"cross-attn every 2, Dv {dims['vision_width']}")
     names = {"ours": "ours (qvlm QFormer, SDPA)", "hf_sdpa": "transformers Blip2QFormerModel, sdpa",
              "hf_eager": "transformers Blip2QFormerModel, eager (hand-rolled softmax)",
              "ours_fused_qkv": "ours, self-attention q/k/v as one GEMM (train.fused_qkv)",
-             "ours_torch_dropout": "ours, PyTorch's dropout masks (bernoulli_) for the hidden dropouts"}
+             "ours_torch_dropout": "ours, PyTorch's dropout masks (bernoulli_) for the hidden dropouts",
+             "ours_upcast_math": "ours, SDPA's math kernel upcasting bf16 attention to fp32 (PyTorch's default)"}
     for key, timing in timings.items():
         row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, batch,
             f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key] / 1e6:.2f}M params compared")

@@ -17,6 +17,8 @@ RATIO_MEANING = {
     "cheap_dropout_qformer": "Q-Former fwd+bwd: ours with PyTorch's dropout masks (bernoulli_) / ours (CPU masks "
                              "from random words)",
     "cheap_dropout_qformer_b256": "the same at batch 256 (GPUs, where both use F.dropout)",
+    "bf16_math_attention_qformer": "Q-Former fwd+bwd (CPU, bf16): ours with SDPA's math kernel in fp32 (PyTorch's "
+                                   "default upcast) / ours (math kernel in bf16)",
     "cached_vs_pixels_stage1": "stage-1 step at ViT-B/16-224: from image files / from cached features",
     "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",
     "cached_vs_pixels_stage1_demo": "stage-1 step at demo shapes: from image files / from cached features",
