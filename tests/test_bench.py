@@ -151,6 +151,7 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer",
                 "cheap_dropout_qformer"):
         assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
+    assert "bf16_math_attention_qformer" not in report["ratios"]  # fp32: no bf16 math kernel to compare
     groups = {r["group"] for r in report["rows"]}
     assert {"stage-1 train step", "stage-2 train step", "caption generation"} <= groups
     for r in report["rows"]:
@@ -281,3 +282,15 @@ def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):
     [(site, count)] = fields["host_sync_sites"].items()
     assert count == 3 and site.startswith("test_bench.py:") and site.endswith("called a synchronizing CUDA operation")
     assert sync_fields(step, torch.device("cpu")) == {}
+
+
+def test_bf16_qformer_section_times_the_math_kernel_both_ways(capsys):
+    from qvlm.cli import main
+
+    assert main(["bench", "--plan", "smoke", "--sections", "qformer", "--json", "--device", "cpu",
+                 "--precision", "bf16"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ratios"]["bf16_math_attention_qformer"] > 0
+    names = {r["name"] for r in report["rows"]}
+    assert "ours, SDPA's math kernel upcasting bf16 attention to fp32 (PyTorch's default)" in names
+    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # set back after every call
