@@ -233,7 +233,7 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
 
 
 def time_qformers(bench, modules: dict, dims: dict, tokens: int, batch: int, counts: dict) -> dict:
-    """Interleaved forward + backward timings of the three query paths at ``batch``, and their rows."""
+    """Interleaved forward + backward timings of the query paths in ``modules`` at ``batch``, and their rows."""
     from qvlm.bench.harness import row
     from qvlm.bench.qformer_ref import fwd_bwd
     from qvlm.models.attention_kernel import upcast_math
