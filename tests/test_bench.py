@@ -227,6 +227,20 @@ def run_benchmark_script(name: str, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(src)})
 
 
+def test_cheap_dropout_script_finds_the_dropouts_and_times_both_masks():
+    """benchmarks/bench_cheap_dropout.py at smoke shapes, one round: the Q-Former's and LoRA's dropouts."""
+    out = run_benchmark_script("bench_cheap_dropout.py", "--stages", "2", "--shapes", "smoke", "--batch", "2",
+                               "--rounds", "1", "--warmup", "0", "--precision", "fp32")
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("stage 2, smoke shapes, batch 2, fp32: dropouts ") and "x p=0.05" in line  # LoRA's
+    assert float(line.split("torch / cheap ")[1].split()[0]) > 0
+    none = run_benchmark_script("bench_cheap_dropout.py", "--stages", "1", "--shapes", "smoke", "--batch", "2",
+                                "--rounds", "1", "--warmup", "0", "--precision", "fp32",
+                                "--set", "model.qformer.dropout=0")
+    assert none.returncode == 0 and "no dropout above 0" in none.stdout, none.stderr
+
+
 def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
     """The GPU scripts are plain bash (a syntax error would cost a GPU session), and
     stage2_variants.py refuses a variant it does not have, listing the ones it has."""

@@ -163,3 +163,19 @@ def test_frozen_linears_in_bf16_give_the_autocast_result():
     assert lm.model.get_input_embeddings().weight.dtype == torch.float32
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_lora_dropouts_use_the_cheap_cpu_masks():
+    from qvlm.models.dropout import Dropout
+
+    base = load_config(CONFIGS / "tiny.yaml").model.llm
+    lm = LanguageModel.from_config(LLMConfig(**{**base.__dict__, "lora": LoraConfig(r=4, alpha=8, dropout=0.25)}))
+    drops = [m for n, m in lm.named_modules() if n.rsplit(".", 2)[-2:-1] == ["lora_dropout"]]
+    assert drops and all(type(m) is Dropout and m.p == 0.25 for m in drops)  # one per adapted Linear
+    lm.train()
+    x = torch.ones(4, 64)
+    torch.manual_seed(0)
+    y = drops[0](x)
+    assert 0 < (y == 0).float().mean().item() < 0.5 and torch.all(y[y != 0] == 1 / 0.75)
+    off = LanguageModel.from_config(LLMConfig(**{**base.__dict__, "lora": LoraConfig(r=4, alpha=8, dropout=0.0)}))
+    assert not [m for m in off.modules() if isinstance(m, (Dropout, torch.nn.Dropout))]  # p = 0: peft's Identity

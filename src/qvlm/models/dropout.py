@@ -9,7 +9,9 @@ and the kept elements are scaled by the inverse of that keep probability, so the
 unchanged. The mask is made in the input's dtype, as ``F.dropout`` makes its own. The draws come
 from PyTorch's default CPU generator: seeded runs stay reproducible, but the masks differ from
 ``F.dropout``'s for the same seed. Other devices use ``F.dropout`` (Philox, in fused kernels).
-``qvlm bench`` times the Q-Former with each (``cheap_dropout_qformer``, full run).
+``qvlm bench`` times the Q-Former with each (``cheap_dropout_qformer``, full run). The LLM's LoRA
+dropouts (peft's, on every adapted Linear's input) are swapped for this one too
+(:func:`swap_lora_dropouts`); ``benchmarks/bench_cheap_dropout.py`` times whole steps both ways.
 """
 
 from __future__ import annotations
@@ -59,3 +61,17 @@ class Dropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, cheap_masks={self.cheap_masks}"
+
+
+def swap_lora_dropouts(model: nn.Module) -> int:
+    """Replace peft's LoRA dropouts (``nn.Dropout`` modules in the ``lora_dropout`` ModuleDicts of
+    ``model``) by :class:`Dropout` with the same p, in place; returns how many were replaced."""
+    swapped = 0
+    for name, holder in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "lora_dropout" or not isinstance(holder, nn.ModuleDict):
+            continue
+        for adapter, module in holder.items():
+            if type(module) is nn.Dropout:
+                holder[adapter] = Dropout(module.p)
+                swapped += 1
+    return swapped

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from qvlm import sources
 from qvlm.config import LLMConfig, LoraConfig
+from qvlm.models.dropout import swap_lora_dropouts
 
 
 @dataclass
@@ -96,6 +97,7 @@ class LanguageModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = get_peft_model(self.model, peft_cfg)
+        swap_lora_dropouts(self.model)  # cheaper masks on CPU (models.dropout); F.dropout elsewhere
         self.lora_scope = lora.positions
         if self.lora_limited:
             for name, module in self.model.named_modules():
