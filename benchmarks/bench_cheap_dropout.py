@@ -17,20 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def stage_list(text: str) -> list[int]:
-    stages = [s.strip() for s in text.split(",") if s.strip()]
-    if not stages or any(s not in ("1", "2") for s in stages):
-        raise argparse.ArgumentTypeError(f"expected stages from 1,2, got {text!r}")
-    return [int(s) for s in stages]
-
-
 def compare(args: argparse.Namespace, stage: int) -> None:
     import torch
 
@@ -70,13 +56,14 @@ def compare(args: argparse.Namespace, stage: int) -> None:
 
 def main() -> None:
     from qvlm.allocator import keep_freed_memory
+    from qvlm.bench.args import positive_int, stage_list
     from qvlm.bench.shapes import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=stage_list, default=[1, 2], help="comma-separated, default 1,2")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="real")
-    ap.add_argument("--batch", type=positive, default=8)
-    ap.add_argument("--rounds", type=positive, default=7)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")

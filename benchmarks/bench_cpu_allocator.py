@@ -88,29 +88,16 @@ def compare(args: argparse.Namespace, stage: int) -> None:
     print(f"  system / keep: {ratio:.2f} ({ratio.low:.2f}-{ratio.high:.2f}, {ratio.coverage:.0%}, n={ratio.rounds})")
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def stage_list(text: str) -> list[int]:
-    stages = [s.strip() for s in text.split(",") if s.strip()]
-    if not stages or any(s not in ("1", "2") for s in stages):
-        raise argparse.ArgumentTypeError(f"expected stages from 1,2, got {text!r}")
-    return [int(s) for s in stages]
-
-
 def main() -> None:
+    from qvlm.bench.args import positive_int, stage_list
     from qvlm.bench.shapes import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=stage_list, default=[1, 2], help="comma-separated, default 1,2")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="demo")
-    ap.add_argument("--batch", type=positive, default=32)
-    ap.add_argument("--rounds", type=positive, default=3, help="processes per variant")
-    ap.add_argument("--steps", type=positive, default=5, help="timed steps per process")
+    ap.add_argument("--batch", type=positive_int, default=32)
+    ap.add_argument("--rounds", type=positive_int, default=3, help="processes per variant")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per process first")
     ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
