@@ -20,11 +20,10 @@ from pathlib import Path
 def compare(args: argparse.Namespace, stage: int) -> None:
     import torch
 
-    from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
+    from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_batch
     from qvlm.bench.shapes import SHAPES
-    from qvlm.bench.stage2 import stage2_batch
     from qvlm.bench.timing import Ratio, time_interleaved
-    from qvlm.models.dropout import Dropout
+    from qvlm.models.dropout import Dropout, set_cheap_masks
 
     shapes = SHAPES[args.shapes]
     with tempfile.TemporaryDirectory() as work:
@@ -35,12 +34,11 @@ def compare(args: argparse.Namespace, stage: int) -> None:
             print(f"stage {stage}, {args.shapes}: no dropout above 0 in this config (try --set)")
             return
         files = SceneFiles(bench.work, shapes.file_size, args.batch)
-        batch = stage2_batch(trainer, files, args.batch) if stage == 2 else fixed_stage1_batch(trainer, files, args.batch)
+        batch = fixed_batch(trainer, files, args.batch)
 
         def step(cheap: bool):
             def call() -> None:
-                for m in drops:
-                    m.cheap_masks = cheap
+                set_cheap_masks(trainer.model, cheap)
                 trainer.step(batch)
             return call
 
@@ -55,7 +53,7 @@ def compare(args: argparse.Namespace, stage: int) -> None:
 
 
 def main() -> None:
-    from qvlm.allocator import keep_freed_memory
+    from qvlm.allocator import apply_from_env
     from qvlm.bench.args import positive_int, stage_list
     from qvlm.bench.shapes import SHAPES
 
@@ -70,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.warmup < 0:
         ap.error(f"--warmup must be >= 0, got {args.warmup}")
-    keep_freed_memory()  # as the CLI does
+    apply_from_env()  # as the qvlm commands do (qvlm.allocator; QVLM_MALLOC=system: glibc's defaults)
     for stage in args.stages:
         compare(args, stage)
 

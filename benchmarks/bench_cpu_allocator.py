@@ -34,17 +34,15 @@ def child(args: argparse.Namespace) -> None:
             sys.exit("this C library is not glibc: nothing to compare")
     import torch
 
-    from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
+    from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_batch
     from qvlm.bench.shapes import SHAPES
-    from qvlm.bench.stage2 import stage2_batch
 
     shapes = SHAPES[args.shapes]
     with tempfile.TemporaryDirectory() as work:
         bench = Bench(torch.device("cpu"), args.precision, 1, 1, Path(work))
         trainer = build_trainer(shapes, bench, stage=args.stage, batch_size=args.batch)
         files = SceneFiles(bench.work, shapes.file_size, args.batch)
-        batch = (stage2_batch(trainer, files, args.batch) if args.stage == 2
-                 else fixed_stage1_batch(trainer, files, args.batch))
+        batch = fixed_batch(trainer, files, args.batch)
         for _ in range(args.warmup):
             trainer.step(batch)
         seconds = []

@@ -19,9 +19,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from qvlm.allocator import apply_from_env
-from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_stage1_batch
+from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_batch
 from qvlm.bench.shapes import SHAPES
-from qvlm.bench.stage2 import stage2_batch
 from qvlm.bench.timing import host_syncs, kernel_totals, synchronizer, time_one
 from qvlm.train.loop import frozen_weights
 from qvlm.train.speed import compile_layers
@@ -89,8 +88,7 @@ def main() -> None:
         trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch,
                                 overrides=tuple(args.set))
         files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
-        batch = (stage2_batch(trainer, files, args.batch, args.pad_multiple) if args.stage == 2
-                 else fixed_stage1_batch(trainer, files, args.batch))
+        batch = fixed_batch(trainer, files, args.batch, args.pad_multiple)
         if args.bf16_residual:
             bf16_residual(trainer.model)
         if args.compile:

@@ -190,7 +190,7 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     """Ours against ``Blip2QFormerModel`` at the plan's batch (the headline ratios) and, on a GPU,
     also at ``GPU_QFORMER_BATCH`` (ratios suffixed ``_b256``)."""
     from qvlm.bench.qformer_ref import build_pair, comparable_params
-    from qvlm.models.dropout import Dropout
+    from qvlm.models.dropout import set_cheap_masks
 
     real = shapes_of(p, "real")
     if real.name == "smoke":
@@ -204,9 +204,7 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
         modules["ours_fused_qkv"] = copy.deepcopy(modules["ours"])  # and ours with PyTorch's dropout masks
         modules["ours_fused_qkv"].fuse_qkv(True)
         modules["ours_torch_dropout"] = copy.deepcopy(modules["ours"])
-        for m in modules["ours_torch_dropout"].modules():
-            if isinstance(m, Dropout):
-                m.cheap_masks = False
+        set_cheap_masks(modules["ours_torch_dropout"], False)
         if bench.device.type == "cpu" and bench.bf16:  # and ours with the math kernel's fp32 upcast
             modules["ours_upcast_math"] = modules["ours"]  # (the same weights, under attention_kernel.upcast_math)
     else:  # --quick: the headline pair alone, for more rounds in the same time

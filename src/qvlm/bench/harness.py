@@ -164,6 +164,16 @@ def stage1_collator(trainer: Trainer, features=None, pixels: bool = False):
                           features=None if pixels else features)
 
 
+def fixed_batch(trainer: Trainer, files: SceneFiles, batch_size: int, multiple: int = 1) -> dict:
+    """One batch for the trainer's stage: :func:`fixed_stage1_batch`, or in stage 2
+    ``stage2.stage2_batch`` (rows padded to a multiple of ``multiple``)."""
+    if trainer.cfg.train.stage == 2:
+        from qvlm.bench.stage2 import stage2_batch
+
+        return stage2_batch(trainer, files, batch_size, multiple)
+    return fixed_stage1_batch(trainer, files, batch_size)
+
+
 def fixed_stage1_batch(trainer: Trainer, files: SceneFiles, batch_size: int, start: int = 0) -> dict:
     """One collated stage-1 batch with the frozen features already computed (a cached-feature batch
     without the cache lookup), on the bench device."""

@@ -63,6 +63,13 @@ class Dropout(nn.Module):
         return f"p={self.p}, cheap_masks={self.cheap_masks}"
 
 
+def set_cheap_masks(model: nn.Module, cheap: bool) -> None:
+    """Switch every :class:`Dropout` in ``model`` to the cheap CPU masks or to PyTorch's (comparisons)."""
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.cheap_masks = cheap
+
+
 def swap_lora_dropouts(model: nn.Module) -> int:
     """Replace peft's LoRA dropouts (``nn.Dropout`` modules in the ``lora_dropout`` ModuleDicts of
     ``model``) by :class:`Dropout` with the same p, in place; returns how many were replaced."""
