@@ -308,3 +308,35 @@ def test_bf16_qformer_section_times_the_math_kernel_both_ways(capsys):
     names = {r["name"] for r in report["rows"]}
     assert "ours, SDPA's math kernel upcasting bf16 attention to fp32 (PyTorch's default)" in names
     assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # set back after every call
+
+
+def test_qformer_headline_batch_is_the_recipes_training_batch():
+    """The Q-Former comparison runs at the real shapes' recipe batch, not a batch picked for the ratio."""
+    from qvlm.bench import PLANS, RECIPE_BATCH
+    from qvlm.config import load_config
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "blip2-smollm2.yaml"
+    assert load_config(recipe).train.batch_size == RECIPE_BATCH
+    assert PLANS["full"].qformer_batch == PLANS["quick"].qformer_batch == RECIPE_BATCH
+    assert PLANS["full"].qformer_small_batch == 8 and PLANS["quick"].qformer_small_batch == 0
+
+
+def test_qformer_section_also_times_the_pair_at_the_small_batch(tmp_path, monkeypatch):
+    """With ``qformer_small_batch``, ours against the SDPA reference again at that batch: its own rows
+    and ``_b<N>`` ratio, the other variants at the headline batch only."""
+    import dataclasses
+
+    from qvlm.bench import PLANS, section_qformer
+    from qvlm.bench.harness import Bench
+
+    plan = dataclasses.replace(PLANS["smoke"], qformer_small_batch=3)
+    bench = Bench(torch.device("cpu"), "fp32", repeats=1, warmup=0, work=tmp_path)
+    report = {"ratios": {}, "findings": {}}
+    section_qformer(bench, plan, report)
+    assert report["ratios"]["qformer_vs_hf_blip2_b3"] > 0 and report["ratios"]["qformer_vs_hf_blip2"] > 0
+    assert "fused_qkv_qformer" in report["ratios"] and "fused_qkv_qformer_b3" not in report["ratios"]
+    assert "qformer_vs_hf_blip2_eager_b3" not in report["ratios"]
+    by_batch = {}
+    for r in bench.rows:
+        by_batch.setdefault(r["batch"], set()).add(r["name"])
+    assert len(by_batch[3]) == 2 and len(by_batch[plan.qformer_batch]) == 5  # the pair; every fp32 variant

@@ -34,6 +34,7 @@ from qvlm.bench.shapes import SHAPES, Shapes
 from qvlm.bench.timing import Ratio
 
 __all__ = ["run_bench", "PLANS"]
+RECIPE_BATCH = 32  # train.batch_size of configs/blip2-smollm2.yaml, the real shapes' recipe (a test keeps them equal)
 NOISY = 0.5  # a row whose (max - min) / median of timed rounds exceeds this is flagged in the notes
 
 
@@ -45,7 +46,7 @@ class Plan:
     warmup: int
     option_repeats: int  # timed rounds of the other rows (options, padding, generation)
     qformer_repeats: int  # timed rounds of the Q-Former rows: cheap, and more rounds narrow its ratio's interval
-    qformer_batch: int
+    qformer_batch: int  # the headline Q-Former comparison's batch (the real recipe's train.batch_size)
     stage1_batch: int  # real shapes (ViT-B/16)
     vitl_batch: int
     demo_stage1_batch: int
@@ -57,18 +58,19 @@ class Plan:
     structure: bool  # fused vs LAVIS-style passes, dynamic padding vs pad-to-max
     options: bool  # checkpointing, AdamW variants, DataLoader workers
     compile: bool  # torch.compile on/off (minutes of compilation on CPU)
+    qformer_small_batch: int = 0  # also ours vs Blip2QFormerModel (SDPA) at this batch (ratio suffix _b<N>); 0: not
     real: str = "real"  # shape names used for the real / ViT-L ("" = skip) / demo roles
     vitl: str = "vitl14"
     demo: str = "demo"
 
 
 PLANS = {
-    "quick": Plan(repeats=3, warmup=0, option_repeats=3, qformer_repeats=5, qformer_batch=4, stage1_batch=2,
+    "quick": Plan(repeats=3, warmup=0, option_repeats=3, qformer_repeats=5, qformer_batch=RECIPE_BATCH, stage1_batch=2,
                   vitl_batch=2, demo_stage1_batch=8, stage2_batch=2, demo_stage2_batch=2, gen_batch=4,
                   gen_tokens=6, gen_demo=False, structure=False, options=False, compile=False, vitl=""),
-    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_repeats=9, qformer_batch=8, stage1_batch=8,
-                 vitl_batch=4, demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8,
-                 gen_tokens=16, gen_demo=True, structure=True, options=True, compile=True),
+    "full": Plan(repeats=5, warmup=1, option_repeats=3, qformer_repeats=9, qformer_batch=RECIPE_BATCH,
+                 stage1_batch=8, vitl_batch=4, demo_stage1_batch=32, stage2_batch=8, demo_stage2_batch=8, gen_batch=8,
+                 gen_tokens=16, gen_demo=True, structure=True, options=True, compile=True, qformer_small_batch=8),
     # configs/tiny.yaml shapes everywhere: the unit tests' plan (seconds)
     "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_repeats=1, qformer_batch=2, stage1_batch=2,
                   vitl_batch=2, demo_stage1_batch=2, stage2_batch=2, demo_stage2_batch=2, gen_batch=2,
@@ -183,12 +185,13 @@ def shapes_of(p: Plan, role: str) -> Shapes:
 
 # ---- sections -----------------------------------------------------------------------------------
 
-GPU_QFORMER_BATCH = 256  # on a GPU the plan's small batch is bound by kernel launches; this one by the kernels
+GPU_QFORMER_BATCH = 256  # on a GPU the recipe's batch of 32 is bound by kernel launches; this one by the kernels
 
 
 def section_qformer(bench, p: Plan, report: dict) -> None:
-    """Ours against ``Blip2QFormerModel`` at the plan's batch (the headline ratios) and, on a GPU,
-    also at ``GPU_QFORMER_BATCH`` (ratios suffixed ``_b256``)."""
+    """Ours against ``Blip2QFormerModel`` at the plan's batch, the real recipe's training batch (the
+    headline ratios); the pair alone also at ``p.qformer_small_batch`` and, on a GPU, every variant at
+    ``GPU_QFORMER_BATCH`` (ratios suffixed ``_b<batch>``)."""
     from qvlm.bench.qformer_ref import build_pair, comparable_params
     from qvlm.models.dropout import set_cheap_masks
 
@@ -210,24 +213,34 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     else:  # --quick: the headline pair alone, for more rounds in the same time
         del modules["hf_eager"]
     counts = {k: comparable_params(m) for k, m in modules.items()}
-    batches = [p.qformer_batch] + ([GPU_QFORMER_BATCH] if bench.device.type == "cuda" and real.name != "smoke" else [])
-    for batch in batches:
+    pair = {k: modules[k] for k in ("ours", "hf_sdpa")}
+    runs = [(p.qformer_batch, modules)]
+    if p.qformer_small_batch:
+        runs.append((p.qformer_small_batch, pair))
+    if bench.device.type == "cuda" and real.name != "smoke":
+        runs.append((GPU_QFORMER_BATCH, modules))
+    for batch, variants in runs:
         suffix = "" if batch == p.qformer_batch else f"_b{batch}"
         with bench.rounds(p.qformer_repeats):
-            timings = time_qformers(bench, modules, dims, tokens, batch, counts)
-        ours = timings["ours"]
-        report["ratios"][f"qformer_vs_hf_blip2{suffix}"] = Ratio.of(timings["hf_sdpa"], ours)
-        if "hf_eager" in timings:
-            report["ratios"][f"qformer_vs_hf_blip2_eager{suffix}"] = Ratio.of(timings["hf_eager"], ours)
-            report["ratios"][f"hf_sdpa_vs_eager{suffix}"] = Ratio.of(timings["hf_eager"], timings["hf_sdpa"])
-        if "ours_fused_qkv" in timings:
-            report["ratios"][f"fused_qkv_qformer{suffix}"] = Ratio.of(ours, timings["ours_fused_qkv"])
-        if "ours_torch_dropout" in timings:
-            report["ratios"][f"cheap_dropout_qformer{suffix}"] = Ratio.of(timings["ours_torch_dropout"], ours)
-        if "ours_upcast_math" in timings:
-            report["ratios"][f"bf16_math_attention_qformer{suffix}"] = Ratio.of(timings["ours_upcast_math"], ours)
+            timings = time_qformers(bench, variants, dims, tokens, batch, counts)
+        qformer_ratios(timings, suffix, report["ratios"])
     report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf_sdpa']}"
-    del modules
+    del modules, pair
+
+
+def qformer_ratios(timings: dict, suffix: str, ratios: dict) -> None:
+    """The Q-Former ratios (ours faster by) of one batch's ``timings``, for the variants timed."""
+    ours = timings["ours"]
+    ratios[f"qformer_vs_hf_blip2{suffix}"] = Ratio.of(timings["hf_sdpa"], ours)
+    if "hf_eager" in timings:
+        ratios[f"qformer_vs_hf_blip2_eager{suffix}"] = Ratio.of(timings["hf_eager"], ours)
+        ratios[f"hf_sdpa_vs_eager{suffix}"] = Ratio.of(timings["hf_eager"], timings["hf_sdpa"])
+    if "ours_fused_qkv" in timings:
+        ratios[f"fused_qkv_qformer{suffix}"] = Ratio.of(ours, timings["ours_fused_qkv"])
+    if "ours_torch_dropout" in timings:
+        ratios[f"cheap_dropout_qformer{suffix}"] = Ratio.of(timings["ours_torch_dropout"], ours)
+    if "ours_upcast_math" in timings:
+        ratios[f"bf16_math_attention_qformer{suffix}"] = Ratio.of(timings["ours_upcast_math"], ours)
 
 
 def time_qformers(bench, modules: dict, dims: dict, tokens: int, batch: int, counts: dict) -> dict:

@@ -6,9 +6,11 @@ import json
 
 RATIO_GOALS = {"qformer_vs_hf_blip2": 1.2, "cached_vs_pixels_stage1": 1.5}
 RATIO_MEANING = {
-    "qformer_vs_hf_blip2": "Q-Former fwd+bwd: transformers Blip2QFormerModel (SDPA) time / ours",
+    "qformer_vs_hf_blip2": "Q-Former fwd+bwd at the recipe's batch: transformers Blip2QFormerModel (SDPA) time / "
+                           "ours",
     "qformer_vs_hf_blip2_eager": "Q-Former fwd+bwd: Blip2QFormerModel, eager (hand-rolled) attention / ours",
     "hf_sdpa_vs_eager": "Blip2QFormerModel eager attention / SDPA attention",
+    "qformer_vs_hf_blip2_b8": "the same at batch 8 (full run): Blip2QFormerModel (SDPA) time / ours",
     "qformer_vs_hf_blip2_b256": "the same at batch 256 (GPUs): Blip2QFormerModel (SDPA) time / ours",
     "qformer_vs_hf_blip2_eager_b256": "the same at batch 256 (GPUs): Blip2QFormerModel, eager attention / ours",
     "hf_sdpa_vs_eager_b256": "the same at batch 256 (GPUs): Blip2QFormerModel eager attention / SDPA attention",
