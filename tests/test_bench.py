@@ -321,7 +321,7 @@ def test_qformer_headline_batch_is_the_recipes_training_batch():
     assert PLANS["full"].qformer_small_batch == 8 and PLANS["quick"].qformer_small_batch == 0
 
 
-def test_qformer_section_also_times_the_pair_at_the_small_batch(tmp_path, monkeypatch):
+def test_qformer_section_also_times_the_pair_at_the_small_batch(tmp_path):
     """With ``qformer_small_batch``, ours against the SDPA reference again at that batch: its own rows
     and ``_b<N>`` ratio, the other variants at the headline batch only."""
     import dataclasses

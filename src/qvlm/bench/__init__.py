@@ -293,9 +293,10 @@ def section_stage1(bench, p: Plan, report: dict, peak, batch_search: int) -> Non
     grouping = S1.length_grouping(bench, 32 if p.real != "smoke" else 4, n=2000 if p.real != "smoke" else 64)
     found["length_grouping_padding_saved"] = grouping["saving"]
     if not p.structure:
-        bench.notes.append("--quick: Blip2QFormerModel with eager attention, ViT-L/14 and the demo's stage-1 "
-                           "shapes, fused vs LAVIS-style passes, padding, gradient checkpointing, torch.compile, "
-                           "AdamW variants and DataLoader workers are measured by the full run only")
+        bench.notes.append("--quick: Blip2QFormerModel with eager attention, the Q-Former at batch 8, ViT-L/14 "
+                           "and the demo's stage-1 shapes, fused vs LAVIS-style passes, padding, gradient "
+                           "checkpointing, torch.compile, AdamW variants and DataLoader workers are measured by "
+                           "the full run only")
         return
     trainer = build_trainer(real, bench, stage=1, batch_size=batch)
     files = SceneFiles(bench.work, real.file_size, 2 * batch)
