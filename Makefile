@@ -29,6 +29,7 @@ browser:
 	    >/dev/null 2>&1 || echo "note: could not install chromium; the web-page test will be skipped"; }
 
 test: setup browser
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 demo: setup

@@ -36,11 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     args = parser.parse_args(argv)
 
-    from qvlm.allocator import apply_from_env
     from qvlm.config import load_config
     from qvlm.train.loop import train
 
-    apply_from_env()  # as the qvlm commands do (qvlm.allocator; QVLM_MALLOC=system: glibc's defaults)
     overrides = REAL_SHAPES + [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
                                f"train.precision={args.precision}", "train.warmup_steps=1"]
     cfg = load_config(ROOT / "configs" / "blip2-smollm2.yaml", overrides)

@@ -81,7 +81,7 @@ done
 "$PY" - "$JSON" "${reports[@]}" <<'PYEOF'
 import json, sys
 
-from qvlm.bench.report import table, to_json
+from qvlm.bench.table import table, to_json
 
 parts = [json.load(open(path)) for path in sys.argv[2:]]
 report = dict(parts[0])  # one report of every part: rows, ratios, findings and notes together
@@ -99,12 +99,9 @@ print(f"\ncard: {report['device']}; peak dense bf16: {report['peak_bf16_flops']}
 for r in report["rows"]:
     if "mfu" in r or "tokens_per_s" in r:
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
-        busy = "" if r.get("device_busy") is None else (f", GPU busy {100 * r['device_busy']:.0f}% "
-                                                         f"({r['launches']} kernel launches)")
-        busy += "" if r.get("host_syncs") is None else f", {r['host_syncs']} host syncs"
         rate = r.get("samples_per_s", r.get("images_per_s"))
         print(f"{r['group']:<22} {r['name']:<44} B={r['batch']:<4} {rate} samples/s, "
-              f"{r.get('tokens_per_s', '-')} tokens/s, MFU {mfu}{busy}")
+              f"{r.get('tokens_per_s', '-')} tokens/s, MFU {mfu}")
 PYEOF
 echo "gpu.sh: done in $(( $(date +%s) - start )) s; JSON in $JSON"
 exit $status

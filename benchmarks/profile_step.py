@@ -10,21 +10,46 @@ host wait for the GPU). For finding what to optimise; the speed claims themselve
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from qvlm.allocator import apply_from_env
 from qvlm.bench.harness import Bench, SceneFiles, build_trainer, fixed_batch
 from qvlm.bench.shapes import SHAPES
-from qvlm.bench.timing import host_syncs, kernel_totals, synchronizer, time_one
-from qvlm.train.loop import frozen_weights
+from qvlm.bench.timing import synchronizer, time_interleaved
 from qvlm.train.speed import compile_layers
 from qvlm.train.steps import step_losses
+
+
+def host_syncs(fn, device: torch.device) -> Counter | None:
+    """One call of ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")`` on a GPU: how many times
+    each synchronising operation made the host wait for the GPU (``.item()``, ``nonzero``, a blocking
+    copy, ...), keyed by where Python called it and the warning's first line. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return Counter(f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0][:90]}"
+                   for w in caught if "synchroniz" in str(w.message))
+
+
+def kernel_ms(averages) -> float:
+    """From a profile's ``key_averages()``: the summed time of what ran on the GPU (kernels, copies,
+    memsets) in ms."""
+    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1000
 
 
 def top(averages, on_device: bool, key: str, n: int) -> str:
@@ -36,20 +61,6 @@ def top(averages, on_device: bool, key: str, n: int) -> str:
         value = getattr(e, key)
         lines.append(f"  {value / 1000:8.2f} {100 * value / total:5.1f}% {e.count:6d}  {e.key[:110]}")
     return "\n".join(lines)
-
-
-def bf16_residual(model) -> None:
-    """The LLM's frozen RMSNorm weights to bf16, and its decoder's input embeddings cast to bf16."""
-    for name, module in model.llm.base_model().named_modules():
-        if "norm" in type(module).__name__.lower():
-            module.to(torch.bfloat16)
-
-    def cast(_module, args, kwargs):
-        if kwargs.get("inputs_embeds") is not None:
-            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].to(torch.bfloat16)
-        return args, kwargs
-
-    model.llm.base_model().get_decoder().register_forward_pre_hook(cast, with_kwargs=True)
 
 
 def attention_backend(name: str):
@@ -68,35 +79,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--shapes", default="real", choices=sorted(SHAPES))
     ap.add_argument("--compile", action="store_true", help="compile each Q-Former and LLM layer first")
-    ap.add_argument("--bf16-residual", action="store_true",
-                    help="experiment: the frozen LLM's norms in bf16 and its input embeddings cast to bf16, so "
-                         "its residual stream is bf16 (stage 2)")
     ap.add_argument("--sdpa", choices=("default", "efficient", "flash", "cudnn", "math"), default="default",
                     help="experiment: restrict scaled_dot_product_attention to one backend")
-    ap.add_argument("--pad-multiple", type=int, default=1,
-                    help="stage 2: pad the rows to a multiple of this (data.pad_to_multiple_of)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for the model and step, e.g. model.llm.lora.dropout=0 (repeatable)")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--precision", choices=("bf16", "fp32", "auto"), default="bf16",
                     help="bf16 autocast (default), fp32, or auto: bf16 where the device runs it natively")
     args = ap.parse_args()
-    apply_from_env()  # as the qvlm commands do (qvlm.allocator; QVLM_MALLOC=system: glibc's defaults)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as work, attention_backend(args.sdpa):
         bench = Bench(device, args.precision, 1, 1, Path(work))
         trainer = build_trainer(SHAPES[args.shapes], bench, stage=args.stage, batch_size=args.batch,
                                 overrides=tuple(args.set))
         files = SceneFiles(bench.work, SHAPES[args.shapes].file_size, args.batch)
-        batch = fixed_batch(trainer, files, args.batch, args.pad_multiple)
-        if args.bf16_residual:
-            bf16_residual(trainer.model)
+        batch = fixed_batch(trainer, files, args.batch)
         if args.compile:
             compile_layers(trainer.model)
         sync = synchronizer(device)
-        timing = time_one(lambda: trainer.step(batch), repeats=3, warmup=3, sync=sync)
+        timing = time_interleaved({"step": lambda: trainer.step(batch)}, repeats=3, warmup=3, sync=sync)["step"]
         step_ms = 1000 * statistics.mean(timing.seconds)
-        with torch.no_grad(), bench.autocast(), frozen_weights(trainer.model, bench.bf16):
+        with torch.no_grad(), bench.autocast():
             loss = float(step_losses(trainer.model, batch, trainer.cfg, generator=trainer.generator,
                                      dec_token_id=trainer.dec_token_id)["loss"])
         syncs = host_syncs(lambda: trainer.step(batch), device)
@@ -105,9 +108,7 @@ def main() -> None:
             trainer.step(batch)
             sync()
     averages = prof.key_averages()
-    flags = (("compiled layers", args.compile), ("bf16 residual", args.bf16_residual),
-             (f"SDPA {args.sdpa}", args.sdpa != "default"),
-             (f"rows padded to a multiple of {args.pad_multiple}", args.pad_multiple > 1),
+    flags = (("compiled layers", args.compile), (f"SDPA {args.sdpa}", args.sdpa != "default"),
              (", ".join(args.set), bool(args.set)))
     extras = [name for name, on in flags if on]
     title = ", ".join([f"stage {args.stage}, {args.shapes} shapes, batch {args.batch}, {bench.precision_label}",
@@ -118,7 +119,7 @@ def main() -> None:
         for message, count in syncs.most_common(8):
             print(f"  {count:4d}  {message}")
     if device.type == "cuda":
-        print(f"kernel time {kernel_totals(averages)['kernel_ms']:.1f} ms in the profiled step; top kernels:")
+        print(f"kernel time {kernel_ms(averages):.1f} ms in the profiled step; top kernels:")
         print(top(averages, True, "self_device_time_total", args.rows))
         print("operators by the device time of the kernels they launched (children included):")
         print(top(averages, False, "device_time_total", args.rows))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from qvlm.bench.shapes import BERT_TOKENIZER, LLM_TOKENIZER
-from qvlm.sources import load_hf_config, load_tokenizer
+from qvlm.model_sources import load_hf_config, load_tokenizer
 
 
 def write(source: str, folder: Path) -> None:

@@ -37,7 +37,7 @@ def parse(argv: list[str]) -> tuple[list[str], dict, list[str]]:
 
 def run_train(out: str, flags: dict, overrides: list[str]) -> None:
     from qvlm.config import load_config
-    from qvlm.train import distributed as D
+    from qvlm import distributed as D
     from qvlm.train import loop
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
@@ -58,7 +58,7 @@ def run_train(out: str, flags: dict, overrides: list[str]) -> None:
 def run_epoch(out: str, shards: str, overrides: list[str]) -> None:
     from qvlm.config import load_config
     from qvlm.models.vlm import VLM
-    from qvlm.train import distributed as D
+    from qvlm import distributed as D
     from qvlm.train.batches import build_stream
 
     accelerator = D.setup(60)  # noqa: F841  (initialises the process group)
@@ -73,7 +73,7 @@ def run_epoch(out: str, shards: str, overrides: list[str]) -> None:
 
 
 def main() -> None:
-    from qvlm.train import distributed as D
+    from qvlm import distributed as D
 
     positional, flags, overrides = parse(sys.argv[1:])
     try:

@@ -71,7 +71,7 @@ def test_ratio_of_medians_with_an_interval_over_paired_rounds():
 
 def test_report_table_shows_ratio_intervals_and_goal_verdicts():
     from qvlm.bench import finish
-    from qvlm.bench.report import goal_verdict, table
+    from qvlm.bench.table import goal_verdict, table
     from qvlm.bench.timing import Ratio
 
     class NoRows:
@@ -79,9 +79,9 @@ def test_report_table_shows_ratio_intervals_and_goal_verdicts():
 
     report = {"device": "CPU", "threads": 2, "precision": "fp32", "quick": True, "repeats": 3, "warmup": 0,
               "load_avg_start": [], "findings": {},
-              "ratios": {"qformer_vs_hf_blip2": Ratio(1.25, 0.9, 1.3, 5, 0.9375), "workers_pixels_stage1": 0.8}}
+              "ratios": {"qformer_vs_hf_blip2": Ratio(1.25, 0.9, 1.3, 5, 0.9375), "compile_stage1": 0.8}}
     out = finish(report, NoRows(), start=0.0, done=True)
-    assert out["ratios"] == {"qformer_vs_hf_blip2": 1.25, "workers_pixels_stage1": 0.8, "cached_vs_pixels_stage1": None,
+    assert out["ratios"] == {"qformer_vs_hf_blip2": 1.25, "compile_stage1": 0.8, "cached_vs_pixels_stage1": None,
                              "kv_cache_generation": None}
     assert out["ratio_intervals"] == {"qformer_vs_hf_blip2": {"low": 0.9, "high": 1.3, "rounds": 5, "coverage": 0.938}}
     text = table(out)
@@ -106,29 +106,28 @@ def test_flops_multipliers_and_mfu_on_hand_numbers():
     assert FL.peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
 
 
-def test_qformer_parameter_groups_by_hand():
+def test_qformer_query_path_groups_by_hand():
     from transformers import BertConfig
 
     from qvlm.models.qformer import QFormer
 
     qf = QFormer(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
                  vision_width=24, num_queries=4)  # cross-attention in layer 0 only
-    p = FL.QFormerParams.of(qf)
-    assert (p.self_attn, p.query_ffn, p.text_ffn) == (2 * 4 * 32 * 32, 2 * 2 * 32 * 64, 2 * 2 * 32 * 64)
-    assert (p.cross_q_o, p.cross_kv) == (2 * 32 * 32, 2 * 24 * 32)
-    groups = FL.qformer_groups(p, "x", images=3, queries=4, texts=3, text_len=5, image_tokens=7, encode_images=3)
-    flops = {g.name: g.flops for g in groups}
-    assert flops["x self-attention"] == 6 * p.self_attn * (12 + 15)
-    assert flops["x image K/V"] == 4 * p.cross_kv * 21  # trained weights, no gradient into frozen features
+    query, kv = FL.qformer_groups(qf, images=3, image_tokens=7)
+    # self-attention q/k/v/dense and the query FFN of both layers, cross-attention's query and output
+    assert query.params == 2 * 4 * 32 * 32 + 2 * 2 * 32 * 64 + 2 * 32 * 32 and query.tokens == 3 * 4
+    assert kv.params == 2 * 24 * 32 and kv.tokens == 3 * 7
+    assert kv.flops == 4 * kv.params * 21  # trained weights, no gradient into frozen features
+    assert [g.flops for g in FL.qformer_groups(qf, 3, 7, trained=False)] == [2 * query.params * 12, 2 * kv.params * 21]
 
 
 def test_hf_reference_has_our_parameter_count_and_runs():
     from qvlm.bench.qformer_ref import build_pair, comparable_params, fwd_bwd, query_outputs
 
     modules = build_pair(hidden=32, layers=4, heads=2, intermediate=64, vision_width=24, queries=4)
-    counts = {k: comparable_params(m) for k, m in modules.items()}
-    assert counts["ours"] == counts["hf_sdpa"] == counts["hf_eager"]
-    assert modules["hf_eager"].attn_implementation == "eager" and modules["hf_sdpa"].attn_implementation == "sdpa"
+    assert set(modules) == {"ours", "hf"}
+    assert comparable_params(modules["ours"]) == comparable_params(modules["hf"])
+    assert modules["hf"].attn_implementation == "sdpa"
     image = torch.randn(2, 5, 24)
     for m in modules.values():
         assert query_outputs(m, image).shape == (2, 4, 32)
@@ -137,6 +136,7 @@ def test_hf_reference_has_our_parameter_count_and_runs():
 
 def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
     """The whole bench at tiny shapes through the CLI: one JSON object with positive ratios."""
+    from qvlm.bench import PLANS
     from qvlm.cli import main
 
     threads = torch.get_num_threads()
@@ -147,26 +147,29 @@ def test_smoke_bench_report_has_the_ratios_and_rows(capsys):
         torch.set_num_threads(threads)
     report = json.loads(capsys.readouterr().out)
     assert report["notes"] == [n for n in report["notes"] if "failed" not in n], report["notes"]
-    assert report["malloc"] in ("keeps freed memory", "system default")  # the CLI set it up (qvlm.allocator)
-    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "fused_qkv_qformer",
-                "cheap_dropout_qformer"):
+    headline = {"qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation"}
+    assert set(report["ratios"]) == headline | {"kv_cache_generation_batched"}  # smoke: no torch.compile rows
+    for key in headline:
         assert isinstance(report["ratios"][key], float) and report["ratios"][key] > 0, key
-    assert "bf16_math_attention_qformer" not in report["ratios"]  # fp32: no bf16 math kernel to compare
-    groups = {r["group"] for r in report["rows"]}
-    assert {"stage-1 train step", "stage-2 train step", "caption generation"} <= groups
-    for r in report["rows"]:
-        assert r["ms"] > 0 and r["batch"] >= 0 and r["precision"] == "fp32"
-    stage2 = [r for r in report["rows"] if r["group"] == "stage-2 train step" and r["name"] == "from cached features"]
-    assert len(stage2) == 2  # demo and real roles
-    assert report["ratios"]["pad16_vs_longest_stage2"] > 0 and report["ratios"]["shared_prefix_stage2"] > 0
-    for key in ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation", "shared_prefix_stage2"):
         interval = report["ratio_intervals"][key]  # the smoke plan times one round: the interval is the ratio itself
         assert interval["rounds"] == 1 and interval["coverage"] == 0
         assert interval["low"] == interval["high"] == pytest.approx(report["ratios"][key], abs=2e-3)
-    padded = [r for r in report["rows"] if r["name"] == "rows padded to a multiple of 16"]
-    longest = [r for r in report["rows"] if r["name"] == "rows padded to the longest"]
-    assert len(padded) == len(longest) == 1 and int(padded[0]["seq"].split()[0].removeprefix("T=")) % 16 == 0
-    assert all(r["model_tflop_per_step"] > 0 and "peak_mem_mb" in r for r in stage2)
+    assert set(report["findings"]) == {"qformer_params_ours_vs_hf", "stage1_checkpointing", "stage2_checkpointing"}
+    for r in report["rows"]:
+        assert r["ms"] > 0 and r["batch"] >= 0 and r["precision"] == "fp32"
+    names = {}
+    for r in report["rows"]:
+        names.setdefault(r["group"], []).append(r["name"])
+    assert sorted(names) == ["Q-Former fwd+bwd (query path + image cross-attention)", "caption generation",
+                             "stage-1 train step", "stage-2 train step"]
+    qformer = [r for r in report["rows"] if r["group"].startswith("Q-Former")]
+    assert [r["batch"] for r in qformer] == [PLANS["smoke"].qformer_batch] * 2
+    checkpointing = ["gradient checkpointing off", "gradient checkpointing on"]
+    assert names["stage-1 train step"] == ["from cached features", "from image files (decode + frozen ViT)",
+                                           *checkpointing]
+    assert names["stage-2 train step"] == ["from cached features", *checkpointing]
+    stage2 = report["rows"][[r["group"] for r in report["rows"]].index("stage-2 train step")]
+    assert stage2["model_tflop_per_step"] > 0 and stage2["tokens_per_s"] > 0 and "peak_mem_mb" in stage2
 
 
 def test_generation_bench_times_compiled_decoding(tmp_path):
@@ -227,61 +230,24 @@ def run_benchmark_script(name: str, *args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(src)})
 
 
-def test_cheap_dropout_script_finds_the_dropouts_and_times_both_masks():
-    """benchmarks/bench_cheap_dropout.py at smoke shapes, one round: the Q-Former's and LoRA's dropouts."""
-    out = run_benchmark_script("bench_cheap_dropout.py", "--stages", "2", "--shapes", "smoke", "--batch", "2",
-                               "--rounds", "1", "--warmup", "0", "--precision", "fp32")
+def test_gpu_script_parses_and_the_profile_script_runs():
+    """gpu.sh is plain bash (a syntax error would cost a GPU session); profile_step.py at smoke shapes."""
+    assert subprocess.run(["bash", "-n", str(BENCHMARKS / "gpu.sh")]).returncode == 0
+    out = run_benchmark_script("profile_step.py", "--stage", "1", "--shapes", "smoke", "--batch", "2",
+                               "--precision", "fp32", "--rows", "3")
     assert out.returncode == 0, out.stderr
-    line = out.stdout.strip().splitlines()[-1]
-    assert line.startswith("stage 2, smoke shapes, batch 2, fp32: dropouts ") and "x p=0.05" in line  # LoRA's
-    assert float(line.split("torch / cheap ")[1].split()[0]) > 0
-    none = run_benchmark_script("bench_cheap_dropout.py", "--stages", "1", "--shapes", "smoke", "--batch", "2",
-                                "--rounds", "1", "--warmup", "0", "--precision", "fp32",
-                                "--set", "model.qformer.dropout=0")
-    assert none.returncode == 0 and "no dropout above 0" in none.stdout, none.stderr
+    assert out.stdout.startswith("== stage 1, smoke shapes, batch 2, fp32: ") and "top operators" in out.stdout
 
 
-def test_gpu_scripts_parse_and_the_variants_script_names_its_variants():
-    """The GPU scripts are plain bash (a syntax error would cost a GPU session), and
-    stage2_variants.py refuses a variant it does not have, listing the ones it has."""
-    for script in ("gpu.sh", "gpu_stage2.sh"):
-        assert subprocess.run(["bash", "-n", str(BENCHMARKS / script)]).returncode == 0, script
-    out = run_benchmark_script("stage2_variants.py", "--only", "no such")
-    assert out.returncode == 2 and "no variant named ['no such']" in out.stderr
-    assert "compiled, causal, LoRA dropout 0, positions found on the device" in out.stderr  # gpu_stage2.sh runs it by name
-    best = "compiled, causal, LoRA dropout 0"
-    assert f'BEST="{best}"' in (BENCHMARKS / "gpu_stage2.sh").read_text()
-
-
-def test_row_gather_script_runs_and_prints_its_ratio():
-    """benchmarks/bench_row_gather.py (the evidence for ``ImageKV.select``'s index_select) at batch 1."""
-    out = run_benchmark_script("bench_row_gather.py", "--rounds", "2", "--batches", "1")
-    assert out.returncode == 0, out.stderr
-    last = out.stdout.strip().splitlines()[-1].split()
-    assert last[:2] == ["1", "3"] and float(last[2]) > 0 and float(last[3]) > 0 and float(last[5]) > 0
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
-def test_cpu_allocator_script_runs_both_variants_and_prints_its_ratio():
-    """benchmarks/bench_cpu_allocator.py (the evidence for ``qvlm.allocator``) at smoke shapes, one round."""
-    out = run_benchmark_script("bench_cpu_allocator.py", "--stages", "1", "--shapes", "smoke", "--batch", "2",
-                               "--rounds", "1", "--steps", "1", "--warmup", "0", "--precision", "fp32")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert lines[0].startswith("stage 1, smoke shapes, batch 2, fp32")
-    assert [line.split(":")[0].strip() for line in lines[1:3]] == ["system", "keep"]
-    assert float(lines[-1].split()[3]) > 0  # "system / keep: R (low-high, ...)"
-    bad = run_benchmark_script("bench_cpu_allocator.py", "--stages", "3")
-    assert bad.returncode == 2 and "expected stages from 1,2" in bad.stderr
-
-
-def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):
-    """On a GPU a train-step row records how often the step made the host wait (PyTorch's sync debug
-    mode warns at each): counted by site, the mode reset afterwards; nothing on a CPU."""
+def test_profile_script_counts_the_sync_debug_warnings_by_site(monkeypatch):
+    """On a GPU profile_step.py counts how often the step made the host wait (PyTorch's sync debug
+    mode warns at each): by site, the mode reset afterwards; nothing on a CPU."""
+    import importlib.util
     import warnings
 
-    from qvlm.bench.timing import sync_fields
-
+    spec = importlib.util.spec_from_file_location("profile_step", BENCHMARKS / "profile_step.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     modes = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
@@ -291,23 +257,11 @@ def test_host_syncs_counts_the_sync_debug_warnings_by_site(monkeypatch):
             warnings.warn("called a synchronizing CUDA operation\nstack ...", UserWarning)
         warnings.warn("an unrelated warning", UserWarning)
 
-    fields = sync_fields(step, torch.device("cuda"))
-    assert fields["host_syncs"] == 3 and modes == ["warn", "default"]
-    [(site, count)] = fields["host_sync_sites"].items()
+    syncs = script.host_syncs(step, torch.device("cuda"))
+    assert modes == ["warn", "default"]
+    [(site, count)] = syncs.items()
     assert count == 3 and site.startswith("test_bench.py:") and site.endswith("called a synchronizing CUDA operation")
-    assert sync_fields(step, torch.device("cpu")) == {}
-
-
-def test_bf16_qformer_section_times_the_math_kernel_both_ways(capsys):
-    from qvlm.cli import main
-
-    assert main(["bench", "--plan", "smoke", "--sections", "qformer", "--json", "--device", "cpu",
-                 "--precision", "bf16"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["ratios"]["bf16_math_attention_qformer"] > 0
-    names = {r["name"] for r in report["rows"]}
-    assert "ours, SDPA's math kernel upcasting bf16 attention to fp32 (PyTorch's default)" in names
-    assert not torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()  # set back after every call
+    assert script.host_syncs(step, torch.device("cpu")) is None
 
 
 def test_qformer_headline_batch_is_the_recipes_training_batch():
@@ -318,25 +272,4 @@ def test_qformer_headline_batch_is_the_recipes_training_batch():
     recipe = Path(__file__).resolve().parents[1] / "configs" / "blip2-smollm2.yaml"
     assert load_config(recipe).train.batch_size == RECIPE_BATCH
     assert PLANS["full"].qformer_batch == PLANS["quick"].qformer_batch == RECIPE_BATCH
-    assert PLANS["full"].qformer_small_batch == 8 and PLANS["quick"].qformer_small_batch == 0
-
-
-def test_qformer_section_also_times_the_pair_at_the_small_batch(tmp_path):
-    """With ``qformer_small_batch``, ours against the SDPA reference again at that batch: its own rows
-    and ``_b<N>`` ratio, the other variants at the headline batch only."""
-    import dataclasses
-
-    from qvlm.bench import PLANS, section_qformer
-    from qvlm.bench.harness import Bench
-
-    plan = dataclasses.replace(PLANS["smoke"], qformer_small_batch=3)
-    bench = Bench(torch.device("cpu"), "fp32", repeats=1, warmup=0, work=tmp_path)
-    report = {"ratios": {}, "findings": {}}
-    section_qformer(bench, plan, report)
-    assert report["ratios"]["qformer_vs_hf_blip2_b3"] > 0 and report["ratios"]["qformer_vs_hf_blip2"] > 0
-    assert "fused_qkv_qformer" in report["ratios"] and "fused_qkv_qformer_b3" not in report["ratios"]
-    assert "qformer_vs_hf_blip2_eager_b3" not in report["ratios"]
-    by_batch = {}
-    for r in bench.rows:
-        by_batch.setdefault(r["batch"], set()).add(r["name"])
-    assert len(by_batch[3]) == 2 and len(by_batch[plan.qformer_batch]) == 5  # the pair; every fp32 variant
+    assert PLANS["full"].shapes == PLANS["quick"].shapes == "real"

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvlm.cache import CachedFeatures, StaleCacheError, build_cache, run_cache_features
+from qvlm.data.cache import CachedFeatures, StaleCacheError, build_cache, run_cache_features
 from qvlm.data.collate import Stage1Collator
-from qvlm.data.fixtures import good_images, write_bad_inputs
+from data_fixtures import good_images, write_bad_inputs
 from qvlm.data.records import iter_records
 from qvlm.data.sources import open_dataset
 from qvlm.models.vision import VisionEncoder
-from qvlm.sources import load_tokenizer
+from qvlm.model_sources import load_tokenizer
 
 TINY = ("random:vit?hidden_size=32&num_hidden_layers=2&num_attention_heads=2&intermediate_size=64"
         "&image_size=32&patch_size=8")

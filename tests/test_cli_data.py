@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from qvlm.cli import main
-from qvlm.data.fixtures import write_bad_inputs
+from data_fixtures import write_bad_inputs
 
 
 def test_data_synth_writes_splits(tmp_path, capsys):

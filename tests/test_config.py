@@ -53,7 +53,6 @@ def test_unknown_keys_name_the_key(override, key):
         ("train.replay_batch_size=0", "train.replay_batch_size"),
         ("model.llm.lora.positions=text", "model.llm.lora.positions"),
         ("model.qformer.cross_attention_qk_gain=-1", "model.qformer.cross_attention_qk_gain"),
-        ("train.share_prompt_prefix=sometimes", "train.share_prompt_prefix"),
     ],
 )
 def test_bad_types_and_values_name_the_key(override, key):
@@ -102,3 +101,21 @@ def test_replay_with_position_limited_lora_is_refused(positions):
                                             f"model.llm.lora.positions={positions}"])
     assert load_config(CONFIGS / "tiny.yaml", [f"model.llm.lora.positions={positions}"]).model.llm.lora.positions \
         == positions
+
+
+def test_removed_keys_of_older_runs_are_dropped_with_a_warning_naming_them(tmp_path):
+    """A config.yaml written before the CPU speed options were removed still loads: each removed key
+    is named in one warning and dropped; an unknown key that never existed is still an error."""
+    from qvlm.config import REMOVED_KEYS
+
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  pad_to_multiple_of: 16\ntrain:\n  fused_qkv: true\n  itc_one_pass: false\n"
+                   "  lr: 0.001\n")
+    with pytest.warns(UserWarning, match="no longer") as caught:
+        cfg = load_config(old, ["train.share_prompt_prefix=auto"])
+    message = str(caught[0].message)
+    for key in ("data.pad_to_multiple_of", "train.fused_qkv", "train.itc_one_pass", "train.share_prompt_prefix"):
+        assert key in message
+    assert cfg.train.lr == 0.001 and "train.fused_qkv" in REMOVED_KEYS
+    with pytest.raises(ConfigError, match="train.fused_qkvv"):
+        load_config(None, ["train.fused_qkvv=true"])

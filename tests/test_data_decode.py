@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from qvlm.data.decode import SkipCounter, SkipRecord, clean_caption, clean_messages, decode_image
-from qvlm.data.fixtures import encode, good_images, write_bad_inputs
+from data_fixtures import encode, good_images, write_bad_inputs
 from qvlm.data.records import iter_records
 from qvlm.data.sources import open_dataset
 

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from qvlm.data.commands import run_inspect
-from qvlm.data.fixtures import write_bad_inputs
+from data_fixtures import write_bad_inputs
 
 
 def test_inspect_mixed_jsonl(tmp_path):

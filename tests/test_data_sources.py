@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from qvlm.data.decode import SkipCounter
-from qvlm.data.fixtures import write_shards
+from data_fixtures import write_shards
 from qvlm.data.records import DataSourceError, iter_records
 from qvlm.data.sources import FileDataset, open_dataset
 from qvlm.data.webdataset import ShardStream, expand_braces, expand_shards

@@ -8,7 +8,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from qvlm.data.collate import split_items
-from qvlm.data.fixtures import write_shards
+from data_fixtures import write_shards
 from qvlm.data.sources import open_dataset
 
 

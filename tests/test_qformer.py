@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 from qvlm.models.qformer import QFormer, QFormerOutput, attention_mask_for
-from qvlm.sources import load_model, resolve_package_path
+from qvlm.model_sources import load_model, resolve_package_path
 
 TINY = "random:bert?hidden_size=32&num_hidden_layers={layers}&num_attention_heads=2&intermediate_size=64" \
        "&max_position_embeddings=64"
@@ -290,29 +289,6 @@ def test_bad_query_cache_raises(qformer):
         qformer(input_ids=ids[:2], mode="causal", query_cache=cache)
 
 
-def test_image_position_embedding_is_a_no_op_at_init_and_learns(tiny_cfg):
-    from qvlm.models.vlm import VLM
-
-    plain = VLM.from_config(tiny_cfg)
-    tiny_cfg.model.qformer.image_pos_embed = True
-    posed = VLM.from_config(tiny_cfg)
-    n = posed.vision.num_tokens
-    assert posed.qformer.image_pos.shape == (1, n, posed.vision.width)
-    assert "image_pos" in [name for name, _ in posed.parameter_groups()["qformer"]]
-    posed.qformer.load_state_dict(plain.qformer.state_dict(), strict=False)
-    images = torch.randn(2, n, posed.vision.width)
-    posed.eval(), plain.eval()
-    q0 = plain.qformer(image_embeds=images).query
-    assert torch.allclose(posed.qformer(image_embeds=images).query, q0, atol=1e-6)  # zeros at init
-    posed.qformer(image_embeds=images).query.sum().backward()
-    assert posed.qformer.image_pos.grad.abs().sum() > 0
-    with torch.no_grad():
-        posed.qformer.image_pos.normal_()
-    assert not torch.allclose(posed.qformer(image_embeds=images).query, q0, atol=1e-3)
-    with pytest.raises(ValueError, match="image tokens"):
-        posed.qformer(image_embeds=images[:, 1:])
-
-
 def test_cross_attention_qk_gain_scales_only_the_new_query_and_key_weights():
     bert_init = QFormer.from_source(tiny(4), vision_width=VW, num_queries=Q, cross_attention_every=1, seed=0)
     gained = QFormer.from_source(tiny(4), vision_width=VW, num_queries=Q, cross_attention_every=1, seed=0,
@@ -330,7 +306,7 @@ def test_cross_attention_qk_gain_scales_only_the_new_query_and_key_weights():
         layer, h = qformer.layers[0], qformer.query_tokens.expand(2, -1, -1)
         h = qformer.embeddings(None, h)
         h, _ = layer.self_attn(h)
-        k, _ = qformer.encode_image(image).layers[0]
+        k = layer.cross_attn.split(layer.cross_attn.key(qformer.vision_norm(image)))
         q = layer.cross_attn.split(layer.cross_attn.query(h))
         p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
         return -(p * p.log()).sum(-1).mean()
@@ -350,68 +326,3 @@ def test_a_text_mask_without_padding_equals_no_mask(qformer, mode):
     assert built is not None and built.shape == (B, 1, Q + T, Q + T)
     with_mask, without = qformer(image, ids, full, mode=mode), qformer(image, ids, None, mode=mode)
     assert close(with_mask.query, without.query, atol=1e-5) and close(with_mask.text, without.text, atol=1e-5)
-
-
-def test_under_autocast_the_image_is_cast_once_with_the_same_keys_and_values():
-    """The normalised image features are cast to bf16 once in ``encode_image``, not by autocast in
-    every cross-attention layer's key and value projection: bitwise the same keys and values."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    qf = QFormer.from_source(tiny(layers=4), vision_width=VW, num_queries=Q, seed=0, cross_attention_every=1)
-    image = make_inputs()[0]
-    casts = []
-
-    class Casts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and args[0].shape == image.shape:
-                casts.append((args[0].dtype, (kwargs or {}).get("dtype")))
-            return func(*args, **(kwargs or {}))
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
-        kv = qf.encode_image(image)
-    assert casts == [(torch.float32, torch.bfloat16)]  # one cast for the four layers' eight projections
-    norm = qf.vision_norm
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # each projection casting the fp32 image itself
-        ref = F.layer_norm(image, (VW,), eps=norm.eps)
-        for layer, (k, v) in zip(qf.layers, kv.layers):
-            for linear, got in ((layer.cross_attn.key, k), (layer.cross_attn.value, v)):
-                w = linear.weight
-                want = F.linear(ref, w * norm.weight, linear.bias + (w * norm.bias).sum(-1))
-                assert got.dtype == torch.bfloat16 and torch.equal(layer.cross_attn.split(want), got)
-
-
-def test_fused_qkv_gives_the_separate_projections_outputs_and_gradients(tiny_cfg):
-    """``train.fused_qkv`` runs each self-attention's q/k/v as one GEMM: the same parameters (state
-    dict), outputs and gradients as three projections, in every mode and with the query cache."""
-    from qvlm.models.vlm import VLM
-    from qvlm.train.speed import apply_speed_options
-
-    torch.manual_seed(0)
-    qf = QFormer.from_source(tiny(), vision_width=VW, num_queries=Q, seed=0, dropout=0.0)
-    image, ids, mask = make_inputs()
-
-    def run(mode: str) -> tuple:
-        qf.zero_grad(set_to_none=True)
-        out = qf(image, ids, mask, mode=mode, return_query_cache=True)
-        cached = qf(input_ids=ids, attention_mask=mask, query_cache=out.query_cache, mode="causal").text
-        (out.query.square().sum() + out.text.square().sum() + cached.sum()).backward()
-        return out.query, out.text, cached, {n: p.grad.clone() for n, p in qf.named_parameters() if p.grad is not None}
-
-    keys = sorted(qf.state_dict())
-    for mode in MODES:
-        separate = run(mode)
-        qf.fuse_qkv(True)
-        fused = run(mode)
-        qf.fuse_qkv(False)
-        for a, b in zip(separate[:3], fused[:3]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        assert separate[3].keys() == fused[3].keys() and any("self_attn.query" in n for n in fused[3])
-        for name in separate[3]:
-            torch.testing.assert_close(separate[3][name], fused[3][name], atol=1e-5, rtol=1e-4)
-    assert sorted(qf.state_dict()) == keys
-    tiny_cfg.train.fused_qkv = True
-    vlm = VLM.from_config(tiny_cfg)
-    assert "fused_qkv" in apply_speed_options(vlm, tiny_cfg.train)
-    layers = vlm.qformer.layers
-    assert all(layer.self_attn.fused_qkv for layer in layers)
-    assert not any(layer.cross_attn.fused_qkv for layer in layers if layer.cross_attn is not None)

@@ -261,40 +261,9 @@ def _assert_same(run: tuple, other: tuple, atol: float, rtol: float) -> None:
 
 
 @pytest.mark.parametrize("positions", ["all", "from_image"])
-def test_shared_prompt_prefix_gives_the_same_loss_and_gradients(positions):
-    """train.share_prompt_prefix: with LoRA from the image on, the prompt tokens every row shares run
-    once without autograd, and the loss and every gradient are the full forward's; with LoRA on all
-    positions (it acts on the prefix) the full forward runs."""
-    from qvlm.train.steps import shareable_prefix
-
-    cfg, model, batch = _acting_model_and_batch(positions, 4, caption_prob=1.0)
-    k = batch["shared_prefix"]
-    assert 0 < k <= int(batch["image_mask"].float().argmax(1).min())
-    assert bool((batch["input_ids"][:, :k] == batch["input_ids"][:1, :k]).all())
-    calls = []
-    model.llm.base_model().get_decoder().register_forward_pre_hook(lambda module, args: calls.append(1))
-
-    def run(share):
-        cfg.train.share_prompt_prefix = share
-        calls.clear()
-        return _loss_and_grads(model, batch, cfg), len(calls)
-
-    full, full_calls = run(False)
-    shared, n_calls = run("auto")  # the default: shared on a CPU
-    assert full_calls == 1 and n_calls == (2 if positions == "from_image" else 1)  # the prefix pass, then the rest
-    elsewhere = {"input_ids": torch.zeros(1, 1, device="meta"), "shared_prefix": k}  # not a CPU: "auto" is off
-    cfg.train.share_prompt_prefix = "auto"
-    assert shareable_prefix(model, elsewhere, cfg) == 0
-    cfg.train.share_prompt_prefix = True
-    assert shareable_prefix(model, elsewhere, cfg) == (k if positions == "from_image" else 0)
-    _assert_same(shared, full, atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("positions", ["all", "from_image"])
 def test_right_padded_rows_train_without_the_padding_mask(positions):
     """The collator right-pads, so the LLM runs plain causal attention (no padding mask): the loss
-    and every gradient are those of the masked forward (with the shared prefix too, for from_image);
-    a left-padded batch would differ, and a batch not marked right-padded keeps its mask."""
+    and every gradient are those of the masked forward; a left-padded batch would differ, and a batch not marked right-padded keeps its mask."""
     from qvlm.train.steps import padding_mask
 
     cfg, model, batch = _acting_model_and_batch(positions, 6, caption_prob=0.5)
@@ -309,7 +278,7 @@ def test_right_padded_rows_train_without_the_padding_mask(positions):
     left = {k: v for k, v in batch.items() if k not in ("image_positions", "label_positions")}
     for key in ("input_ids", "attention_mask", "labels", "image_mask"):
         left[key] = torch.stack([row.roll(int(s)) for row, s in zip(batch[key], shift)])
-    left_loss, _ = _loss_and_grads(model, {**left, "shared_prefix": 0}, cfg)
+    left_loss, _ = _loss_and_grads(model, left, cfg)
     assert not torch.allclose(left_loss, causal[0], atol=1e-4)
 
 

@@ -9,9 +9,9 @@ import torch
 
 from qvlm.data.synth import make_scene, render
 from qvlm.models.vision import ImageProcessor, VisionEncoder
-from qvlm.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy,
-                                  build_tower, grey_split, lr_at_progress, normalise, position_prior, predict,
-                                  readout_loss, render_pool, run_pretrain_vision, scene_targets)
+from qvlm.demo.vision_pretrain import (HEADS, IGNORE, BoundReadout, SpatialReadout, ThreadPicker, attribute_accuracy,
+                                       build_tower, grey_split, lr_at_progress, normalise, position_prior, predict,
+                                       readout_loss, render_pool, run_pretrain_vision, scene_targets)
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=4, max_steps=5,
             batch_size=8, n_train=32, n_eval=16, progress=False, seed=3)
@@ -244,7 +244,7 @@ def test_grey_view_run_is_saved_with_its_setting(tmp_path):
 def test_grey_view_scene_head_keeps_shape_on_colour_images(monkeypatch, targets):
     """With the grey view the token head learns shape from grey images only, but the bound readout's
     scene head still gets every attribute of a colour image (only colour is dropped on grey ones)."""
-    import qvlm.vision_pretrain as V
+    import qvlm.demo.vision_pretrain as V
 
     seen = []
     real = V.readout_loss

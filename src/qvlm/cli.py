@@ -17,21 +17,11 @@ from typing import Callable, Sequence
 
 from qvlm.config import ConfigError, dump_config, load_config
 from qvlm.data.records import DataSourceError
-from qvlm.sources import SourceError
+from qvlm.model_sources import SourceError
 
 
 class UsageError(Exception):
     """A bad flag or argument combination (exit code 2)."""
-
-
-def apply_allocator() -> None:
-    """Keep freed memory for the next training step (``qvlm.allocator``) unless ``QVLM_MALLOC=system``."""
-    from qvlm.allocator import apply_from_env
-
-    try:
-        apply_from_env()
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def eprint(*args: object) -> None:
@@ -63,7 +53,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_smoke(args: argparse.Namespace) -> int:
     """End-to-end smoke: build every block from the config, run one image through the VLM,
     and let the LLM answer a text question (a quick check that every source resolves)."""
-    from qvlm.smoke import run_smoke
+    from qvlm.demo.smoke import run_smoke
 
     cfg = load_config(args.config, args.overrides)
     report = run_smoke(cfg, prompt=args.prompt)
@@ -73,7 +63,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from qvlm.eval.retrieval import eval_source, evaluate_retrieval
-    from qvlm.train import distributed as D
+    from qvlm import distributed as D
     from qvlm.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
@@ -110,10 +100,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_samples is not None:
         cfg.eval.max_samples = args.max_samples
     if args.task == "caption":
-        from qvlm.eval.stage2 import evaluate_captions
+        from qvlm.eval.captioning import evaluate_captions
+        from qvlm.inference import describe_images
 
-        metrics, _ = evaluate_captions(model, cfg, source=args.data, split=args.split, progress=not args.json,
-                                       compile=args.compile)
+        def describe(images):
+            return describe_images(model, images, cfg.eval.batch_size, cfg.eval.max_new_tokens, not args.json,
+                                   args.compile)
+
+        metrics, _ = evaluate_captions(describe, cfg, source=args.data, split=args.split)
     elif args.task == "retention":
         from qvlm.eval.retention import retention_report
 
@@ -145,7 +139,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_features(args: argparse.Namespace) -> int:
-    from qvlm.cache import run_cache_features
+    from qvlm.data.cache import run_cache_features
     from qvlm.models.vision import VisionEncoder
 
     cfg = load_config(args.config, args.overrides)
@@ -168,7 +162,7 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_vision(args: argparse.Namespace) -> int:
-    from qvlm.vision_pretrain import run_pretrain_vision
+    from qvlm.demo.vision_pretrain import run_pretrain_vision
 
     metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds,
                                   target_acc=args.target_acc, readout=args.readout, grey_view=args.grey_view,
@@ -182,13 +176,14 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     from qvlm.data.decode import decode_image
+    from qvlm.inference import caption
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
     images = [decode_image(path) for path in args.images]
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, compile=args.compile)
-    texts = model.caption(images, prompt=args.prompt, gen=gen)
+    texts = caption(model, images, prompt=args.prompt, gen=gen)
     if args.json:
         print_json({"captions": [{"image": p, "caption": t} for p, t in zip(args.images, texts)]})
     else:
@@ -199,6 +194,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from qvlm.data.decode import decode_image
+    from qvlm.inference import chat
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
@@ -207,10 +203,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, compile=args.compile)
     if args.prompt:
-        print(model.chat(image, args.prompt, gen=gen), flush=True)
+        print(chat(model, image, args.prompt, gen=gen), flush=True)
         return 0
     while question := read_question():  # interactive: an empty line or EOF ends it
-        print(model.chat(image, question, gen=gen), flush=True)
+        print(chat(model, image, question, gen=gen), flush=True)
     return 0
 
 
@@ -230,7 +226,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from qvlm.demo import run_demo
+    from qvlm.demo.runner import run_demo
 
     metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, resume=args.resume)
     if args.json:
@@ -245,7 +241,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from qvlm.bench import check_sections, run_bench
-    from qvlm.bench.report import table, to_json
+    from qvlm.bench.table import table, to_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -479,13 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-KEEPS_SYSTEM_MALLOC = ("serve",)  # long-lived, requests of every size: glibc's own trimming stays
-
-
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
-        if args.command not in KEEPS_SYSTEM_MALLOC:
-            apply_allocator()
         return func(args)
     except (ConfigError, UsageError, SourceError, DataSourceError) as exc:
         eprint(f"qvlm {args.command}: error: {exc}")

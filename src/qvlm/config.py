@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from typing import Any
 import yaml
 
 LORA_POSITIONS = ("all", "image", "from_image")  # model.llm.lora.positions
+# Keys that older versions wrote into run folders and saved models (CPU speed options that were
+# removed): a config that still has them loads, with a warning naming them.
+REMOVED_KEYS = ("model.qformer.image_pos_embed", "data.pad_to_multiple_of", "train.itc_one_pass",
+                "train.itm_reuse_image_kv", "train.fused_qkv", "train.share_prompt_prefix")
 
 
 class ConfigError(ValueError):
@@ -56,7 +61,6 @@ class QFormerConfig:
     max_text_len: int = 32
     embed_dim: int = 256  # shared ITC space
     dropout: float = 0.1
-    image_pos_embed: bool = False  # a learned position embedding added to the image tokens
     # Init of the new cross-attention's query and key weights: 0 = BERT's (normal, std
     # initializer_range = 0.02), which starts every query on a near-uniform average of the image
     # tokens; g > 0 = normal with std g / sqrt(fan_in), attention logits of order g**2 at the start.
@@ -125,9 +129,6 @@ class DataConfig:
     num_workers: int = 0
     cache_dir: str = ""  # frozen-feature cache; "" = off
     group_by_length: bool = False
-    # Pad each batch's text rows to a multiple of this (8 or 16 suit GPU tensor cores; padded
-    # positions are masked out, so losses are unchanged); 1 = to the longest row
-    pad_to_multiple_of: int = 1
     augment: bool = False
     # Stage 2, records with both a caption and question-answer pairs: the share of samples that
     # train on the caption (the rest on one of the pairs).
@@ -166,20 +167,8 @@ class TrainConfig:
     keep_last: int = 2
     init_from: str = ""  # stage 2: a stage-1 model folder
     freeze_qformer: bool = False
-    # Stage 1: queries and text in one unimodal pass for ITC (false: two passes, as LAVIS), and ITM
-    # reusing that pass's image keys/values (false: its pairs' images projected again). The same
-    # losses; qvlm bench times each against the other (faster on CPU, slower on an H100 so far).
-    itc_one_pass: bool = True
-    itm_reuse_image_kv: bool = True
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each Q-Former and LLM layer (first steps pay the compilation)
-    fused_qkv: bool = False  # the Q-Former's self-attention q/k/v as one GEMM (not faster on CPU; GPU unmeasured)
-    # Stage 2 with LoRA on the image positions and after (model.llm.lora.positions image/from_image):
-    # the prompt tokens every row of a batch shares before its image (system turn, user header) go
-    # through the frozen LLM once, without autograd, and the rows attend to their keys/values
-    # (not with LLM gradient checkpointing or train.compile). "auto": on CPU only (it was slower on
-    # a GPU: benchmarks/RESULTS.md); true: on every device; false: never.
-    share_prompt_prefix: bool | str = "auto"
     dist_timeout_s: int = 600  # multi-process: a collective that waits longer than this fails the job
     tensorboard: bool = False  # also write OUT/tensorboard/ event files (needs the tensorboard package)
 
@@ -214,9 +203,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         set_path(tree, key, value)
-    cfg = build(Config, tree, "")
-    validate(cfg)
-    return cfg
+    return config_from_dict(tree)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -350,7 +337,6 @@ def validate(cfg: Config) -> None:
         (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
         (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
         (cfg.model.llm.lora.positions in LORA_POSITIONS, "model.llm.lora.positions", ", ".join(LORA_POSITIONS)),
-        (cfg.train.share_prompt_prefix in (True, False, "auto"), "train.share_prompt_prefix", "true, false or auto"),
         (cfg.model.llm.lora.positions == "all" or cfg.train.losses.get("replay", 0) == 0, "train.losses",
          f"without replay when model.llm.lora.positions={cfg.model.llm.lora.positions} (text-only replay never "
          "reaches adapters limited to the image and what follows it)"),
@@ -370,7 +356,6 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr", "> 0"),
         (cfg.data.max_caption_tokens >= 1, "data.max_caption_tokens", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
-        (cfg.data.pad_to_multiple_of >= 1, "data.pad_to_multiple_of", ">= 1"),
         (0.0 <= cfg.data.caption_prob <= 1.0, "data.caption_prob", "in [0, 1]"),
     ]
     for ok, key, expected in checks:
@@ -398,7 +383,24 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(dump_config(cfg), encoding="utf-8")
 
 
+def drop_removed_keys(tree: dict[str, Any]) -> list[str]:
+    """Delete the ``REMOVED_KEYS`` from a config mapping in place, warning once; returns those found."""
+    found = []
+    for dotted in REMOVED_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            found.append(f"{dotted}={node.pop(leaf)!r}")
+    if found:
+        warnings.warn(f"ignoring config keys that qvlm no longer has: {', '.join(found)}", stacklevel=3)
+    return found
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a ``Config`` from a plain mapping (removed keys dropped with a warning)."""
+    drop_removed_keys(data)
     cfg = build(Config, data, "")
     validate(cfg)
     return cfg

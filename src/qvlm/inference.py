@@ -1,27 +1,22 @@
 """Captioning and chat with a trained VLM: prompts from the LLM's chat template with image slots,
-frozen image features, then KV-cached generation. ``VLM.caption`` / ``VLM.chat`` call into here.
+frozen image features, then KV-cached generation (``qvlm.models.generate``).
+
+    model = VLM.from_pretrained("run/model").eval()
+    caption(model, [image])              # ["a red circle on the left ..."]
+    chat(model, image, "How many shapes?")
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
 
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from qvlm.models.generate import GenerationConfig, GenerationOutput, StepCallback, generate_from_images, pad_left
-from qvlm.prompt import build_example
-
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
-
-
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's eos plus the end-of-turn tokens common chat templates use, when present."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
-    return sorted(ids)
+from qvlm.prompt import build_example, end_of_turn_ids
 
 
 def default_prompts(vlm) -> tuple[str | None, str]:
@@ -94,8 +89,8 @@ def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationCon
 def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy captions from the stage-1 Q-Former itself (queries -> [DEC] -> ITG head), no LLM:
     shows what the queries carry before stage 2 (``qvlm eval caption`` on a stage-1 model)."""
-    from qvlm.sources import load_tokenizer
-    from qvlm.train.batches import decoder_start_id
+    from qvlm.model_sources import load_tokenizer
+    from qvlm.prompt import decoder_start_id
 
     q = vlm.config.model.qformer
     tok = load_tokenizer(q.tokenizer or q.source, vlm.config.model.trust_remote_code)
@@ -115,3 +110,22 @@ def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, ba
         for row in ids[:, 1:].tolist():
             texts.append(tok.decode(row[:row.index(sep)] if sep in row else row, skip_special_tokens=True).strip())
     return texts
+
+
+@torch.no_grad()
+def describe_images(vlm, images: list[Image.Image], batch_size: int = 16, max_new_tokens: int = 32,
+                    progress: bool = False, compile: bool = False) -> list[str]:
+    """Greedy captions (the model's first user prompt); a stage-1 model (no LLM) captions with the
+    Q-Former's own ITG head. ``compile``: compiled decoding steps (stage-2 models only)."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, compile=compile)
+    out: list[str] = []
+    bar = tqdm(total=len(images), desc="captioning", unit="img", file=sys.stderr, disable=not progress)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        if vlm.llm is None:
+            out.extend(qformer_caption(vlm, chunk, max_new_tokens, batch_size))
+        else:
+            out.extend(caption(vlm, chunk, gen=gen, batch_size=batch_size))
+        bar.update(len(chunk))
+    bar.close()
+    return out

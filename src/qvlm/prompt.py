@@ -226,3 +226,25 @@ def pick_turn(record: dict, cfg_llm, rng: random.Random, caption_prob: float = 0
         return Turn(system, user, caption, "caption")
     question, answer = pairs[rng.randrange(len(pairs))]
     return Turn(system, question, answer, "qa")
+
+
+def decoder_start_id(tokenizer) -> int:
+    """BLIP-2 adds a [DEC] token; a BERT vocabulary has spare ``[unused0]`` for the same role."""
+    for token in ("[DEC]", "[unused0]"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            return tid
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.cls_token_id:
+        return tokenizer.bos_token_id
+    raise ValueError("the Q-Former tokenizer has no [DEC], [unused0] or distinct BOS token for ITG")
+
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokenizer's eos plus the end-of-turn tokens common chat templates use, when present."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN if t in vocab}
+    return sorted(ids)

@@ -9,6 +9,8 @@ frozen features computed before timing. All paths produce the same tokens.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from qvlm.bench.harness import Bench, SceneFiles, row
@@ -28,9 +30,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
     {"compiled_latency", "compiled_batched", "compile_seconds"}. ``vlm``: a model with an LLM at
     ``shapes`` already built (else one is built). With ``compiled`` the rows go to a group of their
     own (``qvlm bench --sections decode``), so the eager rows there do not repeat the plain ones."""
-    import time
-
-    from qvlm.inference import default_prompt_len, describe_embeds
+    from qvlm.inference import describe_embeds
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
@@ -38,11 +38,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         torch.manual_seed(0)
         vlm = VLM.from_config(shapes.config(stage=2, precision=bench.precision), with_llm=True).to(bench.device)
     vlm.eval()
-    files = SceneFiles(bench.work, shapes.file_size, max(batch_size, 8))
-    dataset = files.dataset(decode=True)
-    pixels = vlm.vision.processor([dataset[i]["image"] for i in range(batch_size)]).to(bench.device)
-    with torch.no_grad(), bench.autocast():
-        feats = vlm.vision(pixels).float()  # (B, N, Dv)
+    feats = image_features(bench, vlm, shapes, batch_size)
     produced: dict[str, list[int]] = {}
 
     def caption(n: int, mode: str):
@@ -50,8 +46,7 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
 
         def run():
             with bench.autocast():
-                out = describe_embeds(vlm, feats[:n], gen=gen)
-            produced[f"{n}-{mode}"] = out.token_ids
+                produced[f"{n}-{mode}"] = describe_embeds(vlm, feats[:n], gen=gen).token_ids
         return run
 
     modes = ["cache"] + ["nocache"] * without_cache + ["compiled"] * compiled
@@ -62,6 +57,31 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
         variants[key]()
         compile_seconds[key] = time.perf_counter() - start
     timings = bench.time(variants)
+    rows(bench, vlm, shapes, timings, produced, compile_seconds, new_tokens, compiled)
+    b = batch_size
+    ratios = {}
+    if compiled:
+        ratios["compiled_latency"] = Ratio.of(timings["1-cache"], timings["1-compiled"])
+        ratios["compiled_batched"] = Ratio.of(timings[f"{b}-cache"], timings[f"{b}-compiled"])
+        ratios["compile_seconds"] = round(sum(compile_seconds.values()), 1)
+    if without_cache:
+        ratios["latency"] = Ratio.of(timings["1-nocache"], timings["1-cache"])
+        ratios["batched"] = Ratio.of(timings[f"{b}-nocache"], timings[f"{b}-cache"])
+    return ratios
+
+
+def image_features(bench: Bench, vlm, shapes: Shapes, batch_size: int) -> torch.Tensor:
+    """Frozen features (B, N, Dv) of ``batch_size`` synthetic scene files, computed before timing."""
+    dataset = SceneFiles(bench.work, shapes.file_size, max(batch_size, 8)).dataset(decode=True)
+    pixels = vlm.vision.processor([dataset[i]["image"] for i in range(batch_size)]).to(bench.device)
+    with torch.no_grad(), bench.autocast():
+        return vlm.vision(pixels).float()
+
+
+def rows(bench: Bench, vlm, shapes: Shapes, timings: dict, produced: dict, compile_seconds: dict,
+         new_tokens: int, compiled: bool) -> None:
+    from qvlm.inference import default_prompt_len
+
     prompt = default_prompt_len(vlm)
     for key, timing in timings.items():
         n, mode = key.split("-")
@@ -79,13 +99,3 @@ def bench_generation(bench: Bench, shapes: Shapes, batch_size: int, new_tokens: 
                   items=n, item="images", note=note)
         out["tokens_per_s"] = round(tokens / timing.median, 1)
         out["ms_per_image"] = round(out["ms"] / n, 1)
-    ratios = {}
-    if compiled:
-        ratios["compiled_latency"] = Ratio.of(timings["1-cache"], timings["1-compiled"])
-        ratios["compiled_batched"] = Ratio.of(timings[f"{batch_size}-cache"], timings[f"{batch_size}-compiled"])
-        ratios["compile_seconds"] = round(sum(compile_seconds.values()), 1)
-    if without_cache:
-        ratios["latency"] = Ratio.of(timings["1-nocache"], timings["1-cache"])
-        ratios["batched"] = Ratio.of(timings[f"{batch_size}-nocache"], timings[f"{batch_size}-cache"])
-    return ratios
-

@@ -2,8 +2,7 @@
 synthetic scene files and their feature cache, and turning timings into table rows.
 
 The step is the training loop's (``qvlm.train.loop.train_step``) without the data stream: named
-losses from ``qvlm.train.steps.step_losses`` under the same autocast (and, in stage 2, the same bf16
-copies of the frozen LLM weights), backward, gradient clipping,
+losses from ``qvlm.train.steps.step_losses`` under the same autocast, backward, gradient clipping,
 AdamW from ``qvlm.train.optim.build_optimizer``, ``zero_grad``, temperature clamp.
 """
 
@@ -18,7 +17,7 @@ from typing import Callable
 import torch
 
 from qvlm.bench.shapes import Shapes
-from qvlm.bench.timing import PeakMemory, Timing, synchronizer, time_interleaved
+from qvlm.bench.timing import Timing, synchronizer, time_interleaved
 from qvlm.config import Config
 
 
@@ -31,7 +30,6 @@ class Bench:
     repeats: int
     warmup: int
     work: Path
-    quick: bool = False
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     models: dict = field(default_factory=dict)  # built models one section hands to a later one
@@ -58,11 +56,9 @@ class Bench:
         finally:
             self.repeats = saved
 
-    def time(self, variants: dict[str, Callable[[], object]], repeats: int | None = None,
-             warmup: int | None = None, memory: bool = True) -> dict[str, Timing]:
-        """Interleaved timing of the variants (peak memory of each tracked during its timed calls)."""
-        return time_interleaved(variants, self.repeats if repeats is None else repeats,
-                                self.warmup if warmup is None else warmup, sync=synchronizer(self.device),
+    def time(self, variants: dict[str, Callable[[], object]], memory: bool = True) -> dict[str, Timing]:
+        """Interleaved timing of the variants (and, with ``memory``, the peak memory of one more call of each)."""
+        return time_interleaved(variants, self.repeats, self.warmup, sync=synchronizer(self.device),
                                 track_memory=self.device if memory else None)
 
 
@@ -79,14 +75,11 @@ class Trainer:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
     def step(self, batch: dict) -> None:
-        from qvlm.train.loop import frozen_weights
         from qvlm.train.steps import step_losses
 
-        with frozen_weights(self.model, self.bench.bf16):
-            with self.bench.autocast():
-                terms = step_losses(self.model, batch, self.cfg, generator=self.generator,
-                                    dec_token_id=self.dec_token_id)
-            terms["loss"].backward()
+        with self.bench.autocast():
+            terms = step_losses(self.model, batch, self.cfg, generator=self.generator, dec_token_id=self.dec_token_id)
+        terms["loss"].backward()
         if self.cfg.train.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip_grad)
         self.opt.step()
@@ -94,23 +87,22 @@ class Trainer:
         self.model.heads.clamp_temperature()
 
 
-def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, fused_adamw: bool | None = None,
-                  gradient_checkpointing: bool = False, compile: bool = False, seed: int = 0,
+def build_trainer(shapes: Shapes, bench: Bench, stage: int, batch_size: int, compile: bool = False, seed: int = 0,
                   overrides: tuple[str, ...] = ()) -> Trainer:
     """A fresh model (random weights) of ``shapes`` on the bench device, set to train ``stage``."""
     from qvlm.models.vlm import VLM
-    from qvlm.sources import load_tokenizer
+    from qvlm.model_sources import load_tokenizer
     from qvlm.train.batches import decoder_start_id
     from qvlm.train.optim import build_optimizer
     from qvlm.train.speed import apply_speed_options
 
     cfg = shapes.config(stage=stage, precision=bench.precision, batch_size=batch_size, overrides=overrides,
-                        gradient_checkpointing=gradient_checkpointing, compile=compile)
+                        compile=compile)
     torch.manual_seed(seed)
     model = VLM.from_config(cfg, with_llm=stage == 2, seed=seed).to(bench.device)
     model.train()
     apply_speed_options(model, cfg.train)
-    opt, _ = build_optimizer(model.parameter_groups(), cfg.train, fused=fused_adamw)
+    opt, _ = build_optimizer(model.parameter_groups(), cfg.train)
     params = [p for g in opt.param_groups for p in g["params"]]
     dec = decoder_start_id(load_tokenizer(cfg.model.qformer.tokenizer))
     return Trainer(model, cfg, opt, params, dec, bench)
@@ -147,7 +139,7 @@ class SceneFiles:
 
     def build_cache(self, encoder, bench: Bench, batch_size: int) -> tuple[object, float]:
         """The frozen-feature cache of these files for ``encoder`` and the seconds the build took."""
-        from qvlm.cache import CachedFeatures, run_cache_features
+        from qvlm.data.cache import CachedFeatures, run_cache_features
 
         root = self.folder / f"cache-{encoder.fingerprint()}"
         report = run_cache_features(str(self.jsonl), encoder, root, batch_size=batch_size)
@@ -156,7 +148,7 @@ class SceneFiles:
 
 def stage1_collator(trainer: Trainer, features=None, pixels: bool = False):
     from qvlm.data.collate import Stage1Collator
-    from qvlm.sources import load_tokenizer
+    from qvlm.model_sources import load_tokenizer
 
     tok = load_tokenizer(trainer.cfg.model.qformer.tokenizer)
     processor = trainer.model.vision.processor if pixels else None
@@ -164,25 +156,23 @@ def stage1_collator(trainer: Trainer, features=None, pixels: bool = False):
                           features=None if pixels else features)
 
 
-def fixed_batch(trainer: Trainer, files: SceneFiles, batch_size: int, multiple: int = 1) -> dict:
-    """One batch for the trainer's stage: :func:`fixed_stage1_batch`, or in stage 2
-    ``stage2.stage2_batch`` (rows padded to a multiple of ``multiple``)."""
-    if trainer.cfg.train.stage == 2:
-        from qvlm.bench.stage2 import stage2_batch
+def fixed_batch(trainer: Trainer, files: SceneFiles, batch_size: int) -> dict:
+    """One collated batch for the trainer's stage with the frozen features already computed (a
+    cached-feature batch without the cache lookup), on the bench device."""
+    cfg, model, device = trainer.cfg, trainer.model, trainer.bench.device
+    if cfg.train.stage == 1:
+        collate = stage1_collator(trainer, pixels=True)
+    else:
+        from qvlm.data.collate_stage2 import Stage2Collator
+        from qvlm.train.batches import STAGE2_PROMPT_BUDGET
 
-        return stage2_batch(trainer, files, batch_size, multiple)
-    return fixed_stage1_batch(trainer, files, batch_size)
-
-
-def fixed_stage1_batch(trainer: Trainer, files: SceneFiles, batch_size: int, start: int = 0) -> dict:
-    """One collated stage-1 batch with the frozen features already computed (a cached-feature batch
-    without the cache lookup), on the bench device."""
+        q = cfg.model.qformer.num_queries
+        collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q, cfg.model.llm,
+                                 max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q, seed=0)
     dataset = files.dataset(decode=True)
-    collate = stage1_collator(trainer, pixels=True)
-    batch = collate([dataset[(start + i) % len(dataset)] for i in range(batch_size)])
-    device = trainer.bench.device
+    batch = collate([dataset[i % len(dataset)] for i in range(batch_size)])
     with torch.no_grad(), trainer.bench.autocast():
-        feats = trainer.model.vision(batch.pop("pixel_values").to(device))
+        feats = model.vision(batch.pop("pixel_values").to(device))
     batch["image_embeds"] = feats.float().half().float()  # the cache stores fp16
     return to_device(batch, device)
 
@@ -190,16 +180,15 @@ def fixed_stage1_batch(trainer: Trainer, files: SceneFiles, batch_size: int, sta
 # ---- rows ---------------------------------------------------------------------------------------
 
 def row(bench: Bench, group: str, name: str, shapes: str, batch: int, seq: str, timing: Timing,
-        mem: PeakMemory | None = None, flops: float | None = None, peak_flops: float | None = None,
-        items: int | None = None, item: str = "samples", note: str = "", precision: str | None = None) -> dict:
-    """One table row: median ms, throughput (``items`` per call, default the batch), memory (default:
+        flops: float | None = None, peak_flops: float | None = None, items: int | None = None,
+        item: str = "samples", note: str = "") -> dict:
+    """One table row: median ms, throughput (``items`` per call, default the batch), memory (when
     tracked during the timed calls), FLOPs."""
     from qvlm.bench.flops import mfu
 
-    seconds = timing.median
-    mem = timing.memory if mem is None else mem
+    seconds, mem = timing.median, timing.memory
     out = {"group": group, "name": name, "shapes": shapes, "batch": batch, "seq": seq,
-           "precision": precision or bench.precision_label, "ms": round(1000 * seconds, 1),
+           "precision": bench.precision_label, "ms": round(1000 * seconds, 1),
            "ms_runs": [round(1000 * s, 1) for s in timing.seconds], "spread": round(timing.spread, 2),
            f"{item}_per_s": round((batch if items is None else items) / seconds, 3), "note": note}
     if mem is not None:

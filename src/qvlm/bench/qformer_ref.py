@@ -9,8 +9,7 @@ the query outputs. Both sides compute the same function with the same trainable 
 - reference: a trainable ``nn.LayerNorm(Dv)`` on the features (the same norm), then
   ``Blip2QFormerModel(Blip2QFormerConfig(same hidden size / layers / heads / intermediate,
   cross_attention_frequency=2, encoder_hidden_size=Dv, use_qformer_text_input=True))`` fed learnable
-  query embeddings; run with transformers' SDPA attention (its default) and with its "eager"
-  attention (a hand-rolled softmax(QK^T)V, as LAVIS's BLIP-2 code does).
+  query embeddings, with transformers' SDPA attention (its default).
 
 ``use_qformer_text_input=True`` gives the reference the text feed-forward our layers also carry, so
 both have the same parameter count apart from our (unused here) text embeddings.
@@ -28,14 +27,14 @@ class HFQueryPath(nn.Module):
     """LayerNorm(image) -> Blip2QFormerModel with learnable queries: the reference query path."""
 
     def __init__(self, hidden: int, layers: int, heads: int, intermediate: int, vision_width: int, queries: int,
-                 attn_implementation: str = "sdpa", cross_attention_every: int = 2):
+                 cross_attention_every: int = 2):
         super().__init__()
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         config = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                     intermediate_size=intermediate, encoder_hidden_size=vision_width,
                                     cross_attention_frequency=cross_attention_every, use_qformer_text_input=True)
-        config._attn_implementation = attn_implementation
+        config._attn_implementation = "sdpa"
         self.vision_norm = nn.LayerNorm(vision_width)
         self.query_tokens = nn.Parameter(torch.randn(1, queries, hidden) * config.initializer_range)
         self.qformer = Blip2QFormerModel(config)
@@ -49,7 +48,7 @@ class HFQueryPath(nn.Module):
 
 def build_pair(hidden: int = 768, layers: int = 12, heads: int = 12, intermediate: int = 3072,
                vision_width: int = 768, queries: int = 32, seed: int = 0) -> dict[str, nn.Module]:
-    """{"ours", "hf_sdpa", "hf_eager"}: query-path modules of the same size (train mode, dropout on)."""
+    """{"ours", "hf"}: query-path modules of the same size (train mode, dropout on)."""
     from transformers import BertConfig
 
     torch.manual_seed(seed)
@@ -57,8 +56,7 @@ def build_pair(hidden: int = 768, layers: int = 12, heads: int = 12, intermediat
                       intermediate_size=intermediate)
     return {
         "ours": QFormer(bert, vision_width=vision_width, num_queries=queries).train(),
-        "hf_sdpa": HFQueryPath(hidden, layers, heads, intermediate, vision_width, queries, "sdpa").train(),
-        "hf_eager": HFQueryPath(hidden, layers, heads, intermediate, vision_width, queries, "eager").train(),
+        "hf": HFQueryPath(hidden, layers, heads, intermediate, vision_width, queries).train(),
     }
 
 

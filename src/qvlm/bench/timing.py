@@ -7,8 +7,8 @@ round was often the slowest); a variant's time is the median of its rounds. ``Ra
 two variants: the ratio of their medians, with a confidence interval from the rounds paired. With
 ``track_memory`` every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
 ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's resident set size sampled
-every 2 ms by a thread (everything the process holds: weights, optimiser state, activations, the
-allocator's cache, Python itself). That call starts from freed memory handed back to the OS
+every 2 ms by a thread (everything the process holds: weights, optimiser state, activations, freed
+memory malloc keeps, Python itself). That call starts from freed memory handed back to the OS
 (``release_memory``), which would slow a timed call down: page faults.
 """
 
@@ -21,8 +21,6 @@ import os
 import statistics
 import threading
 import time
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -123,64 +121,6 @@ def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, wa
                 fn()
             timings[name].memory = mem
     return timings
-
-
-def time_one(fn: Callable[[], object], repeats: int, warmup: int = 1, clock: Clock = time.perf_counter,
-             sync: Callable[[], None] = lambda: None) -> Timing:
-    return time_interleaved({"x": fn}, repeats, warmup, clock, sync)["x"]
-
-
-def device_time(fn: Callable[[], object], device: torch.device) -> dict | None:
-    """One call of ``fn`` under ``torch.profiler`` on a GPU: the summed time of the kernels it ran
-    (``kernel_ms``) and how many it launched. Set beside the call's timed median, it says how much
-    of a step the GPU is busy; the rest the GPU waits on the host (Python, kernel launches). The
-    profiled call itself is slower on the host, so only its kernel sum is used. None on a CPU."""
-    if device.type != "cuda":
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return kernel_totals(prof.key_averages())
-
-
-def host_syncs(fn: Callable[[], object], device: torch.device) -> Counter | None:
-    """One call of ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")`` on a GPU: how many times
-    each synchronising operation made the host wait for the GPU (``.item()``, ``nonzero``, a blocking
-    copy, ...), keyed by where Python called it and the warning's first line. None on a CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return Counter(f"{os.path.basename(w.filename)}:{w.lineno}: {str(w.message).splitlines()[0][:90]}"
-                   for w in caught if "synchroniz" in str(w.message))
-
-
-def sync_fields(fn: Callable[[], object], device: torch.device) -> dict:
-    """``host_syncs`` as report fields: {"host_syncs": total, "host_sync_sites": the five most
-    frequent}; {} on a CPU."""
-    syncs = host_syncs(fn, device)
-    if syncs is None:
-        return {}
-    return {"host_syncs": sum(syncs.values()), "host_sync_sites": dict(syncs.most_common(5))}
-
-
-def kernel_totals(averages) -> dict:
-    """From a profile's ``key_averages()``: the summed time of what ran on the GPU (kernels, copies,
-    memsets) in ms, and how many there were."""
-    from torch.autograd import DeviceType
-
-    on_gpu = [e for e in averages if e.device_type == DeviceType.CUDA]
-    kernel_us = sum(e.self_device_time_total for e in on_gpu)
-    return {"kernel_ms": round(kernel_us / 1000, 2), "launches": int(sum(e.count for e in on_gpu))}
 
 
 # ---- memory -----------------------------------------------------------------------------------

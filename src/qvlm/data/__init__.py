@@ -6,5 +6,5 @@ Modules: ``records`` (the record dict, skip markers, ``iter_records``), ``source
 cleaning, ``SkipRecord``, ``SkipCounter``), ``webdataset`` and ``hf`` (the two larger source kinds),
 ``collate`` (``Stage1Collator``, ``LengthGroupedSampler``), ``fixtures`` (bad-input files for tests),
 ``inspect`` and ``commands`` (``qvlm data synth`` / ``qvlm data inspect``). The frozen-feature cache is
-``qvlm.cache``. Nothing is imported here: no work at import time.
+``qvlm.data.cache``. Nothing is imported here: no work at import time.
 """

@@ -2,8 +2,8 @@
 
 ``Stage1Collator`` drops skip / shard markers (reporting them as ``batch["skipped"]`` and
 ``batch["shards_done"]``), runs the vision tower's ``ImageProcessor`` (resize + normalise), and
-tokenises captions with dynamic padding to the longest caption in the batch (rounded up to
-``pad_to_multiple_of``, masked), cut at ``max_text_len`` tokens. With a feature cache it returns
+tokenises captions with dynamic padding to the longest caption in the batch, cut at
+``max_text_len`` tokens. With a feature cache it returns
 ``image_embeds`` (B, N, Dv) looked up by ``image_id`` instead of ``pixel_values`` (B, 3, H, W); a
 record missing from the cache is skipped as ``not_in_cache``. ``itg_positions`` (2, S) are the rows
 and columns that predict a caption token, found here on the CPU so the training step need not ask
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
-from qvlm.cache import AUGMENT_AND_CACHE
+from qvlm.data.cache import AUGMENT_AND_CACHE
 from qvlm.losses import itg_positions
 
 
@@ -83,17 +83,12 @@ def usable_items(items: list[dict], features=None) -> tuple[list[dict], dict[str
     return records, skipped, shards, notes
 
 
-def round_up(n: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= n (n itself for multiple 1)."""
-    return -(-n // multiple) * multiple
-
-
 class Stage1Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "itg_positions",
     "captions", "keys", ...}."""
 
     def __init__(self, processor=None, tokenizer=None, max_text_len: int = 32, augment: Augment | None = None,
-                 features=None, feature_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 1):
+                 features=None, feature_dtype: torch.dtype = torch.float32):
         if augment is not None and features is not None:
             raise ValueError(AUGMENT_AND_CACHE)
         if processor is None and features is None:
@@ -102,7 +97,6 @@ class Stage1Collator:
             raise ValueError("Stage1Collator needs the Q-Former tokenizer")
         self.processor, self.tokenizer, self.max_text_len = processor, tokenizer, max_text_len
         self.augment, self.features, self.feature_dtype = augment, features, feature_dtype
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, items: list[dict]) -> dict:
         records, skipped, shards, notes = usable_items(items, self.features)
@@ -124,11 +118,6 @@ class Stage1Collator:
         enc = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_text_len,
                              return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T) each
-        width = round_up(ids.shape[1], self.pad_to_multiple_of)
-        if width > ids.shape[1]:  # more pad columns, masked out
-            pad_id = self.tokenizer.pad_token_id or 0
-            ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_id)
-            mask = torch.nn.functional.pad(mask, (0, width - mask.shape[1]), value=0)
         return {"input_ids": ids, "attention_mask": mask, "itg_positions": itg_positions(mask)}
 
     def pixels(self, records: list[dict]) -> torch.Tensor:

@@ -6,8 +6,7 @@ vision tower's ``ImageProcessor`` or, with a feature cache, ``image_embeds`` loo
 ``image_id`` (records missing from the cache are skipped as ``not_in_cache``), and builds each
 sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
 pair of the record), ``num_queries`` image slots inside the user turn, the target, and labels only
-on the target + end-of-turn tokens. Rows are right-padded to the longest, rounded up to
-``pad_to_multiple_of`` (pad id, -100, False).
+on the target + end-of-turn tokens. Rows are right-padded to the longest (pad id, -100, False).
 
 The prompt choice is a pure function of (seed, record key): the same record gets the same prompt in
 any batch, worker or resumed run, and global RNG state is never touched. Every sample passes
@@ -22,18 +21,18 @@ import random
 import torch
 
 from qvlm.config import LLMConfig
-from qvlm.data.collate import round_up, usable_items
+from qvlm.data.collate import usable_items
 from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check_labels, pick_turn
 
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
-    "shared_prefix", "padding_side", "image_positions", "label_positions", "keys", "captions", "targets",
+    "padding_side", "image_positions", "label_positions", "keys", "captions", "targets",
     "prompts", "attributes", "skipped", "shards_done", "notes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,
-                 feature_dtype: torch.dtype = torch.float32, pad_to_multiple_of: int = 1):
+                 feature_dtype: torch.dtype = torch.float32):
         if processor is None and features is None:
             raise ValueError("Stage2Collator needs an image processor or a feature cache")
         if tokenizer is None:
@@ -41,7 +40,6 @@ class Stage2Collator:
         self.processor, self.tokenizer, self.num_queries = processor, tokenizer, num_queries
         self.llm_cfg, self.max_len, self.features, self.seed = llm_cfg, max_len, features, seed
         self.caption_prob, self.feature_dtype = caption_prob, feature_dtype
-        self.pad_to_multiple_of = pad_to_multiple_of
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
 
@@ -53,8 +51,7 @@ class Stage2Collator:
                  "targets": [t.target for t in turns], "prompts": [t.user for t in turns],
                  "attributes": [r.get("attributes") for r in records],
                  "skipped": skipped, "shards_done": shards, "notes": notes}
-        batch.update(pad_examples(examples, self.pad_id, self.pad_to_multiple_of))
-        batch["shared_prefix"] = shared_prefix(examples)
+        batch.update(pad_examples(examples, self.pad_id))
         batch["padding_side"] = "right"  # pad_examples: every row's padding after its last token
         batch.update(positions(batch["image_mask"], batch["labels"]))
         if records:
@@ -85,19 +82,6 @@ class Stage2Collator:
         return self.processor([r["image"] for r in records])  # (B, 3, H, W)
 
 
-def shared_prefix(examples: list[Example]) -> int:
-    """How many leading tokens every example has in common before its first image slot (the system
-    turn and the user turn's header, with the image at the start of the user turn); 0 without images."""
-    if not examples or not all(any(e.image_mask) for e in examples):
-        return 0
-    first = min(e.image_mask.index(True) for e in examples)
-    head = examples[0].input_ids[:first]
-    n = 0
-    while n < first and all(e.input_ids[n] == head[n] for e in examples):
-        n += 1
-    return n
-
-
 def positions(image_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Where the image slots are and which positions predict a labelled token, as (2, N) row and
     column indices in row-major order, found here on the CPU: a training step on a GPU then gathers
@@ -106,10 +90,9 @@ def positions(image_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
             "label_positions": (labels[:, 1:] != IGNORE).nonzero().T.contiguous()}  # (2, S): t predicts t + 1
 
 
-def pad_examples(examples: list[Example], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example, rounded up to a multiple of ``multiple``: input_ids with
-    ``pad_id``, labels with -100, masks with 0/False."""
-    b, t = len(examples), round_up(max((len(e.input_ids) for e in examples), default=0), multiple)
+def pad_examples(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100, masks with 0/False."""
+    b, t = len(examples), max((len(e.input_ids) for e in examples), default=0)
     input_ids = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((b, t), IGNORE, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)

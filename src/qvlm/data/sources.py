@@ -42,7 +42,7 @@ from qvlm.data.webdataset import ShardStream, expand_shards, looks_like_shards
 
 SYNTH_KEYS = {"n": 5000, "seed": 0, "image_size": 64, "n_test": None, "n_heldout": None}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-__all__ = ["DataSourceError", "FileDataset", "HFDataset", "ShardStream", "open_dataset"]
+__all__ = ["DataSourceError", "FileDataset", "HFDataset", "ShardStream", "open_data", "open_dataset"]
 
 
 def open_dataset(spec: str, split: str = "train", *, max_pixels: int | None = None, max_chars: int | None = None,
@@ -185,3 +185,11 @@ def read_csv(text: str) -> list:
         rows.append(None)  # the rest of the file is unreadable: one bad_line
     return rows
 
+
+def open_data(cfg, source: str, split: str, **kwargs):
+    """``open_dataset`` with the ``data.*`` limits and column names of a ``Config``."""
+    options = {k: v for k, v in (("image_column", cfg.data.image_column),
+                                 ("caption_column", cfg.data.caption_column)) if v}
+    return open_dataset(source, split=split, max_pixels=cfg.data.max_image_pixels,
+                        max_chars=cfg.data.max_caption_chars, min_side=cfg.data.min_image_side,
+                        **kwargs, **options)

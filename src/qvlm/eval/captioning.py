@@ -11,7 +11,8 @@ CIDEr weights n-grams by their rarity across the references of *all* images (tf-
 corpus score: with a single image every weight is log(1) = 0 and CIDEr is 0.
 
 ``scene_metrics`` names the synthetic-scene scores of ``qvlm.data.scenes_metrics`` as the run
-reports do (``color_shape_acc``, ``count_acc``, ``exact_match``).
+reports do (``color_shape_acc``, ``count_acc``, ``exact_match``). ``evaluate_captions`` scores the
+captions that a given function (``qvlm.inference.describe_images``) writes for a data source.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from typing import Callable
 
 from qvlm.data.scenes_metrics import score_captions
 
@@ -116,3 +118,24 @@ def scene_metrics(predictions: list[str], attributes: list[dict]) -> dict:
     ``color_shape_acc``, ``count_acc``, ``exact_match`` (and ``n``)."""
     scores = score_captions(predictions, attributes)
     return {SCENE_NAMES.get(k, k): v for k, v in scores.items()}
+
+
+def evaluate_captions(describe: Callable[[list], list[str]], cfg, source: str | None = None, split: str = "test",
+                      max_samples: int | None = None, coco: bool = True) -> tuple[dict, list[dict]]:
+    """(metrics, samples) for the captions ``describe(images)`` writes: COCO caption metrics against
+    each record's caption (unless ``coco`` is False: they run Java twice), plus ``color_shape_acc``,
+    ``count_acc`` and ``exact_match`` when the records have scene attributes."""
+    from qvlm.eval.retrieval import load_records
+
+    records = load_records(cfg, source, split, max_samples or cfg.eval.max_samples)
+    if not records:
+        raise ValueError("caption evaluation got no usable records")
+    preds = describe([r["image"] for r in records])
+    metrics = {"n": len(records)}
+    if coco:
+        metrics.update(caption_metrics(preds, [[r["caption"]] for r in records]))
+    if all(r.get("attributes") for r in records):
+        metrics.update(scene_metrics(preds, [r["attributes"] for r in records]))
+    samples = [{"key": r["key"], "image": r["image"], "caption": p, "truth": r["caption"],
+                "attributes": r.get("attributes")} for r, p in zip(records, preds)]
+    return metrics, samples

@@ -13,7 +13,6 @@ import re
 import torch
 
 from qvlm.models.vlm import VLM
-from qvlm.train.steps import image_embeds_of
 
 
 def caption_label(caption: str, classes: list[str]) -> int | None:
@@ -35,7 +34,7 @@ def prompt_feats(model: VLM, tokenizer, classes: list[str], template: str, max_l
 def classify_metrics(model: VLM, cfg, classes: list[str], template: str = "a photo of a {}",
                      source: str | None = None, split: str = "test") -> dict:
     from qvlm.eval.retrieval import eval_batches
-    from qvlm.sources import load_tokenizer
+    from qvlm.model_sources import load_tokenizer
 
     if len(classes) < 2:
         raise ValueError("zero-shot classification needs at least two class names")
@@ -52,7 +51,7 @@ def classify_metrics(model: VLM, cfg, classes: list[str], template: str = "a pho
         unlabelled += len(labels) - len(keep)
         if not keep:
             continue
-        emb = image_embeds_of(model, batch)
+        emb = model.batch_image_embeds(batch)
         query = model.qformer(image_embeds=emb[keep]).query
         sim = torch.einsum("bqe,ce->bqc", model.heads.image_feats(query), text).max(dim=1).values  # (B, C)
         for pred, i in zip(sim.argmax(dim=1).tolist(), keep):

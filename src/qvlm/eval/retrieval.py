@@ -15,8 +15,7 @@ from torch import Tensor
 
 from qvlm.models.stage1 import itm_match_prob
 from qvlm.models.vlm import VLM
-from qvlm.train import distributed as D
-from qvlm.train.steps import image_embeds_of
+from qvlm import distributed as D
 
 KS = (1, 5, 10)
 
@@ -40,7 +39,7 @@ def encode(model: VLM, batches, sharded: bool = False) -> Encoded:
     host = _to_host if sharded else _stay  # only what is sent to other ranks leaves the device
     done = []
     for i, batch in enumerate(batches):
-        emb = image_embeds_of(model, batch)
+        emb = model.batch_image_embeds(batch)
         out = model.qformer(image_embeds=emb, input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"], mode="unimodal")
         done.append((batch.get("chunk", i), {
@@ -136,7 +135,7 @@ def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"
     (default ``eval.data``, else the ``test`` split of ``data.source``). ``shard``: only this
     rank's batches (every world_size-th), each tagged with its ``chunk`` index."""
     from qvlm.data.collate import Stage1Collator
-    from qvlm.sources import load_tokenizer
+    from qvlm.model_sources import load_tokenizer
 
     q = cfg.model.qformer
     tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
@@ -150,7 +149,7 @@ def eval_batches(cfg, model: VLM, source: str | None = None, split: str = "test"
 def load_records(cfg, source: str | None, split: str, max_samples: int) -> list[dict]:
     """The first ``max_samples`` usable records of ``source`` (default: ``eval_source(cfg)``)."""
     from qvlm.data.records import iter_records
-    from qvlm.train.batches import open_data
+    from qvlm.data.sources import open_data
 
     source = source or eval_source(cfg)
     if source is None:

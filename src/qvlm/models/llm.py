@@ -24,11 +24,9 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
-from qvlm import sources
+from qvlm import model_sources as sources
 from qvlm.config import LLMConfig, LoraConfig
-from qvlm.models.dropout import swap_lora_dropouts
 
 
 @dataclass
@@ -47,7 +45,6 @@ class LanguageModel(nn.Module):
         self.model.requires_grad_(False)
         self.lora_scope = "all"  # lora.positions: "all", "image" or "from_image"; see lora_positions
         self._lora_mask: Tensor | None = None  # (B, T) bool while inside lora_positions(mask)
-        self._frozen_copies: tuple | None = None  # (dtype, [(Linear, weight copy)]): frozen_linears_as
         self._compiled: dict[bool, Any] = {}  # CUDA graphs or not -> compiled ``self.model`` (compiled_model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -97,7 +94,6 @@ class LanguageModel(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model = get_peft_model(self.model, peft_cfg)
-        swap_lora_dropouts(self.model)  # cheaper masks on CPU (models.dropout); F.dropout elsewhere
         self.lora_scope = lora.positions
         if self.lora_limited:
             for name, module in self.model.named_modules():
@@ -180,24 +176,10 @@ class LanguageModel(nn.Module):
             self._compiled[cuda_graphs] = torch.compile(self.model, options=options)
         return self._compiled[cuda_graphs]
 
-    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, prefix: int = 0) -> Tensor:
-        """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm).
-
-        ``prefix`` > 0: the first ``prefix`` positions are the same in every row and no adapter acts
-        on them (the caller's promise): they run once, for row 0, without autograd, and the rest of
-        each row attends to their keys and values. Returns the hidden states of positions
-        ``prefix``.. only: (B, T - prefix, Dlm). The adapter mask (``lora_positions``) must then
-        cover those positions only."""
+    def hidden_states(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Last hidden states of the decoder (LoRA applied), no LM head: (B, T, D) -> (B, T, Dlm)."""
         decoder = self.base_model().get_decoder()
-        if prefix <= 0:
-            out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
-            return out.last_hidden_state
-        cache = DynamicCache(config=self.base_model().config)
-        with torch.no_grad(), self.lora_positions(None):
-            decoder(inputs_embeds=inputs_embeds[:1, :prefix], cache=cache, use_cache=True)
-        cache.reorder_cache(torch.zeros(len(inputs_embeds), dtype=torch.long, device=inputs_embeds.device))
-        return decoder(inputs_embeds=inputs_embeds[:, prefix:], attention_mask=attention_mask, cache=cache,
-                       use_cache=True).last_hidden_state
+        return decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def decoder_layers(self) -> nn.ModuleList:
         """The decoder's transformer layers (what ``train.compile`` compiles one by one)."""
@@ -225,34 +207,6 @@ class LanguageModel(nn.Module):
             return
         with self.model.disable_adapter():
             yield
-
-    @contextlib.contextmanager
-    def frozen_linears_as(self, dtype: torch.dtype | None) -> Iterator[None]:
-        """Inside, the frozen Linear weights (the base model's, not the adapters' nor a head tied to
-        the input embeddings) are stored in ``dtype``; outside, in their own dtype again. Under
-        autocast to ``dtype`` a matmul casts its fp32 weight on every forward; a stored copy gives
-        the same product without that copy. The copies are made once and kept. ``None``: no-op."""
-        if dtype is None:
-            yield
-            return
-        if self._frozen_copies is None or self._frozen_copies[0] != dtype:
-            tied = self.model.get_input_embeddings().weight
-            self._frozen_copies = (dtype, [
-                (m, m.weight.detach().to(dtype)) for m in self.model.modules()
-                if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight is not tied
-                and m.weight.dtype != dtype])
-        own = [(m, m.weight.data) for m, _ in self._frozen_copies[1]]
-        try:
-            for m, copy in self._frozen_copies[1]:
-                m.weight.data = copy
-            yield
-        finally:
-            for m, weight in own:
-                m.weight.data = weight
-
-    def release_frozen_copies(self) -> None:
-        """Free the copies ``frozen_linears_as`` keeps (at the end of training)."""
-        self._frozen_copies = None
 
     @property
     def checkpointing(self) -> bool:

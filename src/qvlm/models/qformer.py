@@ -6,18 +6,8 @@ queries get their own feed-forward (initialised as a copy of BERT's). Which toke
 set by ``mode``: "unimodal" (ITC), "bidirectional" (ITM), "causal" (ITG). Reference
 implementations: LAVIS ``lavis/models/blip2_models/Qformer.py`` and HF ``Blip2QFormerModel``.
 
-Speed (measured by ``qvlm bench``, see benchmarks/RESULTS.md): attention is
-``F.scaled_dot_product_attention`` (on CPU, training on short sequences uses its math kernel,
-``attention_kernel``); the image side of cross-attention is projected once per batch of
-images (``encode_image`` -> ``ImageKV``, which stage 1 shares between its passes) with the trainable
-image LayerNorm's scale and shift folded into the key/value projections, so no gradient is ever
-computed with respect to the frozen image features (unless ``image_pos`` is on: it is added to them);
-under autocast the normalised image is cast to bf16 once for all those projections. The hidden
-dropouts draw their CPU masks from 16-bit slices of random words (``models.dropout``; 2.9x cheaper
-than ``bernoulli_``); attention-probability dropout stays inside SDPA. Self-attention's
-q/k/v as one GEMM (weights concatenated each step) is an option, off (``train.fused_qkv``): on CPU
-the GEMMs were no faster and the copies cost more; on a GPU it saves launches and casts, not yet
-measured there.
+Attention is ``F.scaled_dot_product_attention``; the image tokens go through the Q-Former's own
+LayerNorm (LAVIS's ``ln_vision``) before every cross-attention reads them.
 
 Shape letters: B batch, N image tokens, Q queries, T text tokens, H heads, Dh head width, Dv vision
 width, Dq Q-Former width.
@@ -33,40 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from qvlm.models.attention_kernel import sdpa
-from qvlm.models.dropout import Dropout
 
 MODES = ("unimodal", "bidirectional", "causal")
 OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")  # positions start at pad+1
 
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the query slice, each (B, H, Q, Dh)
-
-
-@dataclass
-class ImageKV:
-    """Cross-attention keys and values of a batch of images: per layer (keys, values), each
-    (B, H, N, Dh), None for layers without cross-attention. ``QFormer.encode_image`` makes it;
-    passing it as ``image_kv`` lets several passes over the same images share one projection."""
-
-    layers: list[tuple[Tensor, Tensor] | None]
-
-    @property
-    def batch_size(self) -> int:
-        return next(kv[0].shape[0] for kv in self.layers if kv is not None)
-
-    def select(self, rows: Tensor) -> ImageKV:
-        """Rows ``rows`` (R,) of every layer: repeat, reorder or pick images -> (R, H, N, Dh) each.
-        By ``index_select``, whose backward adds the rows' gradients with ``index_add_``: with an
-        advanced index (``kv[rows]``, ``index_put_(accumulate=True)`` in the backward) ITM's gather took
-        2.8-4.6x as long on a CPU (``benchmarks/bench_row_gather.py``)."""
-        return ImageKV([None if kv is None else (kv[0].index_select(0, rows), kv[1].index_select(0, rows))
-                        for kv in self.layers])
-
-    @staticmethod
-    def cat(parts: list[ImageKV]) -> ImageKV:
-        """Concatenate along the batch: the images of ``parts[0]``, then ``parts[1]``, ..."""
-        return ImageKV([None if kvs[0] is None else (torch.cat([kv[0] for kv in kvs]), torch.cat([kv[1] for kv in kvs]))
-                        for kvs in zip(*(p.layers for p in parts))])
 
 
 @dataclass
@@ -85,7 +46,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, input_ids: Tensor | None, queries: Tensor | None) -> Tensor:
         parts = [] if queries is None else [queries]  # (B, Q, Dq), no position embedding
@@ -104,51 +65,26 @@ class Attention(nn.Module):
         if dim % heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_attention_heads {heads}")
         self.heads, self.attn_dropout = heads, attn_dropout
-        self.fused_qkv = False  # self-attention's q/k/v as one GEMM (``QFormer.fuse_qkv``)
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, past: tuple[Tensor, Tensor] | None = None,
-                kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Self-attention of x (B, L, Dq) after ``past`` keys/values; with ``kv`` (from ``image_kv``),
-        cross-attention of x to those keys/values instead."""
-        if kv is None:
-            q, k, v = self.project_qkv(x)
-        else:
-            q, (k, v) = self.split(self.query(x)), kv
+                context: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Self-attention of x (B, L, Dq) after ``past`` keys/values; with ``context`` (B, N, Dv),
+        cross-attention of x to it instead."""
+        source = x if context is None else context
+        q, k, v = self.split(self.query(x)), self.split(self.key(source)), self.split(self.value(source))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, H, P+S, Dh)
         p = self.attn_dropout if self.training else 0.0
-        h = sdpa(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh); CPU kernel choice: attention_kernel
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, L, Dh)
         h = h.transpose(1, 2).flatten(2)  # (B, L, Dq)
         return self.norm(x + self.dropout(self.dense(h))), (k, v)
-
-    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries, keys and values of x (B, L, Dq), each (B, H, L, Dh). With ``fused_qkv``, one GEMM
-        against the three weights concatenated (each step: the parameters stay separate): one kernel and,
-        under autocast, one cast of x instead of three."""
-        if not self.fused_qkv:
-            return self.split(self.query(x)), self.split(self.key(x)), self.split(self.value(x))
-        linears = (self.query, self.key, self.value)
-        weight, bias = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])  # (3 Dq, Dq)
-        q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)  # (B, L, Dq) each
-        return self.split(q), self.split(k), self.split(v)
-
-    def image_kv(self, image: Tensor, norm_weight: Tensor, norm_bias: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, H, N, Dh) of ``image * norm_weight + norm_bias`` for standardised image
-        tokens (B, N, Dv), with the affine folded into the projections:
-        (x g + b0) W^T + b = x (W diag g)^T + (W b0 + b). Same values as applying the LayerNorm's
-        affine first, but the backward needs no gradient with respect to the (frozen) image."""
-        def project(linear: nn.Linear) -> Tensor:
-            w = linear.weight  # (Dq, Dv)
-            return self.split(F.linear(image, w * norm_weight, linear.bias + (w * norm_bias).sum(-1)))
-
-        return project(self.key), project(self.value)
 
 
 class FeedForward(nn.Module):
@@ -163,7 +99,7 @@ class FeedForward(nn.Module):
         self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output = nn.Linear(config.intermediate_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.dropout(self.output(self.act(self.intermediate(x)))))
@@ -178,14 +114,14 @@ class Layer(nn.Module):
         self.text_ffn = FeedForward(config, dropout)
         self.query_ffn = FeedForward(config, dropout)
 
-    def forward(self, h: Tensor, q_len: int, image_kv: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+    def forward(self, h: Tensor, q_len: int, image: Tensor | None, mask: Tensor | None,
                 past: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """h (B, Q+T, Dq) with the first ``q_len`` rows queries; returns h and the query keys/values."""
         h, (k, v) = self.self_attn(h, mask=mask, past=past)
         query, text = h[:, :q_len], h[:, q_len:]  # (B, Q, Dq), (B, T, Dq)
         if q_len:
-            if self.cross_attn is not None and image_kv is not None:
-                query, _ = self.cross_attn(query, kv=image_kv)  # image keys/values (B, H, N, Dh)
+            if self.cross_attn is not None and image is not None:
+                query, _ = self.cross_attn(query, context=image)  # image (B, N, Dv)
             query = self.query_ffn(query)
         if text.shape[1]:
             text = self.text_ffn(text)
@@ -230,7 +166,7 @@ class QFormer(nn.Module):
     """
 
     def __init__(self, config, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
-                 dropout: float | None = None, image_tokens: int = 0, cross_attention_qk_gain: float = 0.0):
+                 dropout: float | None = None, cross_attention_qk_gain: float = 0.0):
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {config.position_embedding_type}")
@@ -242,9 +178,6 @@ class QFormer(nn.Module):
         self.embeddings = Embeddings(config, hidden)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))  # (1, Q, Dq)
         self.vision_norm = nn.LayerNorm(vision_width)
-        # Optional learned position embedding of the image tokens (image_tokens > 0): lets the
-        # queries tell where a token is even when the frozen tower's features do not say so.
-        self.image_pos = nn.Parameter(torch.zeros(1, image_tokens, vision_width)) if image_tokens else None
         self.layers = nn.ModuleList(
             Layer(config, vision_width, i % cross_attention_every == 0, hidden, attn)
             for i in range(config.num_hidden_layers)
@@ -275,12 +208,6 @@ class QFormer(nn.Module):
                 for linear in (layer.cross_attn.query, layer.cross_attn.key):
                     nn.init.normal_(linear.weight, std=gain / linear.in_features ** 0.5)
 
-    def fuse_qkv(self, on: bool = True) -> None:
-        """Every self-attention's query, key and value projections as one GEMM (``Attention.project_qkv``);
-        the same parameters and outputs. ``train.fused_qkv``."""
-        for layer in self.layers:
-            layer.self_attn.fused_qkv = on
-
     @property
     def hidden_size(self) -> int:
         return self.query_tokens.shape[-1]
@@ -296,18 +223,18 @@ class QFormer(nn.Module):
     @classmethod
     def from_source(cls, source: str, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
                     dropout: float | None = None, seed: int = 0, trust_remote_code: bool = False,
-                    image_tokens: int = 0, cross_attention_qk_gain: float = 0.0) -> QFormer:
+                    cross_attention_qk_gain: float = 0.0) -> QFormer:
         """A Q-Former from a BERT source (hub id, dir, pkg:..., random:bert?...); new parts seeded by ``seed``."""
         from transformers import AutoModel
 
-        from qvlm.sources import load_model
+        from qvlm.model_sources import load_model
 
         bert = load_model(source, AutoModel, seed=seed, trust_remote_code=trust_remote_code)
         if bert.config.model_type in OFFSET_POSITION_MODELS:
             raise ValueError(f"Q-Former source {source!r}: {bert.config.model_type} offsets its positions; use a BERT")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout, image_tokens,
+            model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout,
                         cross_attention_qk_gain)
         model.load_bert_weights(bert)
         return model
@@ -348,92 +275,62 @@ class QFormer(nn.Module):
 
     def forward(self, image_embeds: Tensor | None = None, input_ids: Tensor | None = None,
                 attention_mask: Tensor | None = None, mode: str = "unimodal", query_cache: KVCache | None = None,
-                return_query_cache: bool = False, image_kv: ImageKV | None = None) -> QFormerOutput:
-        """image_embeds (B, N, Dv) (or their ``image_kv``), input_ids/attention_mask (B, T)
-        -> query (B, Q, Dq), text (B, T, Dq)."""
-        self.check_inputs(image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache, image_kv)
+                return_query_cache: bool = False) -> QFormerOutput:
+        """image_embeds (B, N, Dv), input_ids/attention_mask (B, T) -> query (B, Q, Dq), text (B, T, Dq)."""
+        self.check_inputs(image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache)
         if query_cache is not None:
             return self.forward_cached(input_ids, attention_mask, query_cache)
-        if image_embeds is not None:
-            image_kv = self.encode_image(image_embeds)
-        batch = image_kv.batch_size if image_kv is not None else input_ids.shape[0]
-        q_len = 0 if image_kv is None else self.num_queries
+        image = None if image_embeds is None else self.vision_norm(image_embeds)  # (B, N, Dv)
+        batch = image.shape[0] if image is not None else input_ids.shape[0]
+        q_len = 0 if image is None else self.num_queries
         t_len = 0 if input_ids is None else input_ids.shape[1]
-        queries = None if image_kv is None else self.query_tokens.expand(batch, -1, -1)  # (B, Q, Dq)
+        queries = None if image is None else self.query_tokens.expand(batch, -1, -1)  # (B, Q, Dq)
         h = self.embeddings(input_ids, queries)  # (B, Q+T, Dq)
         mask = attention_mask_for(mode, q_len, t_len, attention_mask, batch, h.device)
-        layer_kv = image_kv.layers if image_kv is not None else [None] * len(self.layers)
-        h, cache = self.run_layers(h, q_len, layer_kv, mask, [None] * len(self.layers))
+        h, cache = self.run_layers(h, q_len, image, mask, [None] * len(self.layers))
         return QFormerOutput(query=h[:, :q_len] if q_len else None, text=h[:, q_len:] if t_len else None,
                              query_cache=cache if return_query_cache else None)
-
-    def encode_image(self, image_embeds: Tensor) -> ImageKV:
-        """Frozen image features (B, N, Dv) -> every cross-attention layer's keys and values of
-        ``vision_norm(image_embeds)`` (the norm's affine folded into the projections)."""
-        norm = self.vision_norm
-        image = image_embeds.to(norm.weight.dtype)
-        if self.image_pos is not None:
-            if image.shape[1] != self.image_pos.shape[1]:
-                raise ValueError(f"{image.shape[1]} image tokens, but the image position embedding has "
-                                 f"{self.image_pos.shape[1]}")
-            image = image + self.image_pos  # (B, N, Dv)
-        image = F.layer_norm(image, (self.vision_width,), eps=norm.eps)  # (B, N, Dv)
-        device = image.device.type
-        if torch.is_autocast_enabled(device) and not image.requires_grad:
-            # cast once here, not in each cross-attention layer's key and value projection (the same
-            # values: autocast would cast this tensor for every one of them)
-            image = image.to(torch.get_autocast_dtype(device))
-        return ImageKV([None if layer.cross_attn is None else layer.cross_attn.image_kv(image, norm.weight, norm.bias)
-                        for layer in self.layers])
 
     def forward_cached(self, input_ids: Tensor, attention_mask: Tensor | None, query_cache: KVCache) -> QFormerOutput:
         """Causal text attending to cached query keys/values: the text rows of the full causal pass."""
         q_len, (batch, t_len) = query_cache[0][0].shape[2], input_ids.shape
         h = self.embeddings(input_ids, None)  # (B, T, Dq)
         mask = attention_mask_for("causal", q_len, t_len, attention_mask, batch, h.device)[:, :, q_len:]
-        h, _ = self.run_layers(h, 0, [None] * len(self.layers), mask, list(query_cache))  # mask (B, 1, T, Q+T)
+        h, _ = self.run_layers(h, 0, None, mask, list(query_cache))  # mask (B, 1, T, Q+T)
         return QFormerOutput(text=h)
 
-    def run_layers(self, h: Tensor, q_len: int, layer_kv: list, mask: Tensor | None,
+    def run_layers(self, h: Tensor, q_len: int, image: Tensor | None, mask: Tensor | None,
                    pasts: list) -> tuple[Tensor, KVCache]:
         cache = []
-        for layer, image_kv, past in zip(self.layers, layer_kv, pasts):
+        for layer, past in zip(self.layers, pasts):
             if self.gradient_checkpointing and self.training:
-                h, kv = checkpoint(layer, h, q_len, image_kv, mask, past, use_reentrant=False)
+                h, kv = checkpoint(layer, h, q_len, image, mask, past, use_reentrant=False)
             else:
-                h, kv = layer(h, q_len, image_kv, mask, past)
+                h, kv = layer(h, q_len, image, mask, past)
             cache.append(kv)
         return h, cache
 
-    def check_inputs(self, image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache,
-                     image_kv=None) -> None:
+    def check_inputs(self, image_embeds, input_ids, attention_mask, mode, query_cache, return_query_cache) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if image_embeds is not None and image_kv is not None:
-            raise ValueError("give image_embeds or their image_kv, not both")
-        has_image = image_embeds is not None or image_kv is not None
-        if not has_image and input_ids is None:
+        if image_embeds is None and input_ids is None:
             raise ValueError("give image_embeds, input_ids, or both")
         if image_embeds is not None and (image_embeds.ndim != 3 or image_embeds.shape[-1] != self.vision_width):
             raise ValueError(f"image_embeds must be (B, N, {self.vision_width}), got {tuple(image_embeds.shape)}")
-        if image_kv is not None and len(image_kv.layers) != len(self.layers):
-            raise ValueError(f"image_kv has {len(image_kv.layers)} layers, the Q-Former {len(self.layers)}")
         if input_ids is not None:
             if input_ids.ndim != 2 or input_ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
             if input_ids.shape[1] > self.embeddings.position_embeddings.num_embeddings:
                 raise ValueError(f"{input_ids.shape[1]} text tokens exceed max_position_embeddings "
                                  f"{self.embeddings.position_embeddings.num_embeddings}")
-            images = (image_embeds.shape[0] if image_embeds is not None
-                      else image_kv.batch_size if image_kv is not None else None)
-            if images is not None and images != input_ids.shape[0]:
-                raise ValueError(f"batch sizes differ: image {images}, text {input_ids.shape[0]}")
+            if image_embeds is not None and image_embeds.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"batch sizes differ: image {image_embeds.shape[0]}, text {input_ids.shape[0]}")
         if attention_mask is not None and (input_ids is None or attention_mask.shape != input_ids.shape):
             raise ValueError("attention_mask needs input_ids of the same (B, T) shape")
-        if return_query_cache and not has_image:
+        if return_query_cache and image_embeds is None:
             raise ValueError("return_query_cache needs image_embeds (the cache holds the query pass)")
         if query_cache is not None:
-            self.check_cache(image_embeds if image_kv is None else image_kv, input_ids, mode, query_cache)
+            self.check_cache(image_embeds, input_ids, mode, query_cache)
 
     def check_cache(self, image_embeds, input_ids, mode, query_cache) -> None:
         if mode != "causal":

@@ -12,7 +12,7 @@ import copy
 import shutil
 from pathlib import Path
 
-from qvlm import sources
+from qvlm import model_sources as sources
 from qvlm.config import Config
 
 SOURCE_KEYS = (("vision", "source"), ("qformer", "source"), ("qformer", "tokenizer"),

@@ -1,25 +1,19 @@
-"""Stage-1 heads and the fused ITC + ITM + ITG step of the Q-Former (BLIP-2 §3.2, Fig. 2).
+"""Stage-1 heads and the ITC + ITM + ITG losses of the Q-Former (BLIP-2 §3.2, Fig. 2), with
+LAVIS's passes (``lavis/models/blip2_models/blip2_qformer.py``):
 
-One unimodal pass computes the query outputs and the text [CLS] together: ITC reads both, and
-ITG reuses the queries' per-layer keys/values (the query slice is the same in the unimodal and
-multimodal-causal layouts), so the image side is never recomputed for ITG. ITM needs the
-bidirectional layout and runs its own pass over positives and hard negatives mined from the ITC
-similarities; the images' cross-attention keys/values (``QFormer.encode_image``) are projected once
-and shared by both passes (only negatives gathered from other ranks are projected again). Gathering
-across ranks is injected (``gather``), never called from here. Either choice can be switched off
-(``one_pass``, ``reuse_image_kv``; ``train.itc_one_pass``, ``train.itm_reuse_image_kv``): both off
-are LAVIS's passes, with the same losses. On CPU both choices measured faster; on an H100 each
-measured slower (benchmarks/RESULTS.md), which a rerun is to settle.
+- ITC: the queries alone read the image (unimodal), the text alone makes its [CLS];
+- ITM: one bidirectional pass over positives and hard negatives mined from the ITC similarities;
+- ITG: the caption, causally masked, attends to the query pass's cached keys/values.
 
-Nothing in the step reads a value back from the device (on a GPU each read makes the host wait for
-every queued kernel): the hard negatives are drawn with noise made beforehand (``losses._draw``),
-copies of a caption are found by comparing token rows (not ``torch.unique``, whose output size is
-read back), and the ITG positions come from the data loader (``itg_positions``).
+Gathering across ranks is injected (``Ranks``), never called from here. Nothing reads a value back
+from the device: the hard negatives are drawn with noise made beforehand (``losses._draw``), copies
+of a caption are found by comparing token rows, and the ITG positions can come from the data loader.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,9 +21,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qvlm import losses as L
-from qvlm.models.qformer import ImageKV, QFormer
+from qvlm.models.qformer import QFormer
 
 Gather = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Ranks:
+    """Cross-rank operations (``qvlm.distributed``): ``gather`` concatenates a tensor from every
+    rank, ``sum_all`` sums one. With them the mean over ranks of each loss equals the loss of one
+    process holding the whole (concatenated) batch. The defaults are one process."""
+
+    gather: Gather | None = None
+    sum_all: Callable[[Tensor], Tensor] | None = None
+    rank: int = 0
 
 
 class LMHead(nn.Module):
@@ -78,68 +83,45 @@ def decoder_input_ids(input_ids: Tensor, dec_token_id: int) -> Tensor:
     return ids
 
 
-def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
-                  attention_mask: Tensor, weights: dict[str, float], dec_token_id: int,
-                  gather: Gather | None = None, rank: int = 0,
-                  generator: torch.Generator | None = None,
-                  sum_all: Callable[[Tensor], Tensor] | None = None, itm_fraction: float = 1.0,
-                  itg_positions: Tensor | None = None, one_pass: bool = True,
-                  reuse_image_kv: bool = True) -> dict[str, Tensor]:
+def stage1_losses(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, batch: dict[str, Tensor],
+                  weights: dict[str, float], dec_token_id: int, ranks: Ranks | None = None,
+                  generator: torch.Generator | None = None, itm_fraction: float = 1.0) -> dict[str, Tensor]:
     """Named stage-1 losses (each enabled term, ``loss`` = weighted sum) and accuracies.
 
-    ``itg_positions`` (2, S): ``losses.itg_positions(attention_mask)`` found on the CPU by the
-    collator; without them ITG finds its positions on the device (a host-device sync).
-
-    ``one_pass=False``: the queries and the text in two passes instead of one unimodal pass;
-    ``reuse_image_kv=False``: ITM projects its pairs' images again instead of gathering the ITC
-    pass's keys/values by row. The same losses either way (up to rounding).
-
-    ``itm_fraction`` < 1: ITM on the first ceil(fraction * B) pairs of this process's batch only
-    (``itm_step``); ITC and ITG always use the whole batch.
-
-    Across W ranks, ``gather`` concatenates a tensor from every rank and ``sum_all`` sums one;
-    with them, the mean over ranks of each loss equals the loss of one process holding the whole
-    (concatenated) batch, so averaging gradients over ranks gives the single-process update."""
+    ``batch``: ``input_ids`` and ``attention_mask`` (B, T) of the captions, and optionally
+    ``itg_positions`` (2, S) (``losses.itg_positions``, found on the CPU by the collator).
+    ``itm_fraction`` < 1: ITM on the first ceil(fraction * B) pairs of this process's batch only;
+    ITC and ITG always use the whole batch."""
+    ranks = ranks or Ranks()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     use = {k for k, w in weights.items() if w > 0}
-    need_text = bool(use & {"itc", "itm"})
-    image_kv = qformer.encode_image(image_embeds)  # the image side of cross-attention, once for all passes
-    if need_text and not one_pass:  # the queries alone, then the text alone (LAVIS)
-        out = qformer(image_kv=image_kv, return_query_cache="itg" in use)
-        text = qformer(input_ids=input_ids, attention_mask=attention_mask, mode="unimodal").text
-    else:  # queries and text side by side: in the unimodal layout neither sees the other
-        out = qformer(image_kv=image_kv, input_ids=input_ids if need_text else None,
-                      attention_mask=attention_mask if need_text else None, mode="unimodal",
-                      return_query_cache="itg" in use)
-        text = out.text
+    query = qformer(image_embeds=image_embeds, return_query_cache="itg" in use)  # queries alone
     terms: dict[str, Tensor] = {}
-    if need_text:
-        image_feats, text_feat = heads.image_feats(out.query), heads.text_feat(text)  # (B,Q,E), (B,E)
+    if use & {"itc", "itm"}:
+        text = qformer(input_ids=ids, attention_mask=mask, mode="unimodal").text  # text alone
+        image_feats, text_feat = heads.image_feats(query.query), heads.text_feat(text)  # (B,Q,E), (B,E)
+        gather = ranks.gather
         itc = L.itc_loss(image_feats, text_feat, heads.temp,
                          all_image_feats=gather(image_feats) if gather else None,
-                         all_text_feat=gather(text_feat) if gather else None, rank=rank)
+                         all_text_feat=gather(text_feat) if gather else None, rank=ranks.rank)
         terms["itc"], terms["itc_acc"] = itc.loss, (itc.i2t_acc + itc.t2i_acc) / 2
         if "itm" in use:
-            itm = itm_step(qformer, heads, image_embeds, input_ids, attention_mask, itc, gather, rank, generator,
-                           image_kv=image_kv if reuse_image_kv else None, fraction=itm_fraction)
+            itm = itm_step(qformer, heads, image_embeds, ids, mask, itc, ranks, generator, itm_fraction)
             terms["itm"], terms["itm_acc"] = itm.loss, itm.acc
     if "itg" in use:
-        ids = decoder_input_ids(input_ids, dec_token_id)
-        text = qformer(input_ids=ids, attention_mask=attention_mask, query_cache=out.query_cache,
+        dec_ids = decoder_input_ids(ids, dec_token_id)
+        text = qformer(input_ids=dec_ids, attention_mask=mask, query_cache=query.query_cache,
                        mode="causal").text  # (B, T, Dq)
-        itg = L.itg_loss_from_hidden(text, heads.lm_head, ids, attention_mask, itg_positions)  # LM head on caption tokens only
-        terms["itg"] = itg.loss if sum_all is None else global_token_mean(itg.loss, itg.tokens, sum_all)
+        itg = L.itg_loss_from_hidden(text, heads.lm_head, dec_ids, mask, batch.get("itg_positions"))
+        terms["itg"] = itg.loss if ranks.sum_all is None else global_token_mean(itg.loss, itg.tokens, ranks.sum_all)
     return L.combine(terms, {k: w for k, w in weights.items() if k in use})
 
 
 def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_ids: Tensor,
-             attention_mask: Tensor, itc, gather: Gather | None, rank: int,
-             generator: torch.Generator | None, image_kv: ImageKV | None = None, fraction: float = 1.0):
+             attention_mask: Tensor, itc, ranks: Ranks, generator: torch.Generator | None, fraction: float = 1.0):
     """ITM on B positives, B (image, hard-negative text) and B (hard-negative image, text) pairs;
-    with ``fraction`` < 1 on the first k = ceil(fraction * B) positives and their negatives (3k pairs).
-
-    ``image_kv``: this rank's images already encoded (``QFormer.encode_image``), gathered here by
-    row; without it the pairs' images are encoded here."""
-    b = image_embeds.shape[0]
+    with ``fraction`` < 1 on the first k = ceil(fraction * B) positives and their negatives (3k pairs)."""
+    b, gather = image_embeds.shape[0], ranks.gather
     k = max(1, math.ceil(fraction * b))  # b when fraction is 1
     all_images = gather(image_embeds) if gather else image_embeds  # (B*W, N, Dv)
     all_ids = gather(input_ids) if gather else input_ids  # (B*W, T*): padded to the longest rank
@@ -153,19 +135,12 @@ def itm_step(qformer: QFormer, heads: Stage1Heads, image_embeds: Tensor, input_i
     # Captions repeat (several images can share one): a copy of the positive caption is no negative.
     same = same_rows(all_ids * all_mask)  # (B*W, B*W)
     negatives = L.sample_hard_negatives(sim_i2t, sim_t2i, targets, generator=generator, same=same)
-    mine = slice(rank * b, rank * b + k)  # negatives are drawn for every row, whatever k: the same draws
+    mine = slice(ranks.rank * b, ranks.rank * b + k)  # negatives are drawn for every row, whatever k
     neg_text, neg_image = negatives.text_idx[mine], negatives.image_idx[mine]
-    own = torch.arange(k, device=image_embeds.device)
-    input_ids, attention_mask = input_ids[:k], attention_mask[:k]
-    if image_kv is None:  # images [i, i, neg(i)] projected again: (3k, N, Dv) -> (3k, H, N, Dh) per layer
-        pair_kv = qformer.encode_image(torch.cat([image_embeds[:k], image_embeds[:k], all_images[neg_image]]))
-    elif gather is None:  # one process: the negative images are ours too
-        pair_kv = image_kv.select(torch.cat([own, own, neg_image]))  # images [i, i, neg(i)]: (3k, H, N, Dh)
-    else:
-        pair_kv = ImageKV.cat([image_kv.select(torch.cat([own, own])), qformer.encode_image(all_images[neg_image])])
-    ids = torch.cat([input_ids, all_ids[neg_text], input_ids])  # (3k, T)
-    mask = torch.cat([attention_mask, all_mask[neg_text], attention_mask])
-    query = qformer(image_kv=pair_kv, input_ids=ids, attention_mask=mask, mode="bidirectional").query
+    images = torch.cat([image_embeds[:k], image_embeds[:k], all_images[neg_image]])  # (3k, N, Dv)
+    ids = torch.cat([input_ids[:k], all_ids[neg_text], input_ids[:k]])  # (3k, T)
+    mask = torch.cat([attention_mask[:k], all_mask[neg_text], attention_mask[:k]])
+    query = qformer(image_embeds=images, input_ids=ids, attention_mask=mask, mode="bidirectional").query
     logits = L.itm_logits_from_queries(heads.itm_head(query))  # (3k, Q, 2) -> (3k, 2)
     return L.itm_loss(logits, L.itm_labels(k, logits.device))
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from qvlm import sources
+from qvlm import model_sources as sources
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: RGB -> grey (the weights sum to 1)
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}

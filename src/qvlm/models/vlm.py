@@ -57,7 +57,7 @@ class VLM(nn.Module):
         qformer = QFormer.from_source(
             m.qformer.source, vision_width=vision.width, num_queries=m.qformer.num_queries,
             cross_attention_every=m.qformer.cross_attention_every, dropout=m.qformer.dropout,
-            seed=seed, trust_remote_code=trust, image_tokens=vision.num_tokens if m.qformer.image_pos_embed else 0,
+            seed=seed, trust_remote_code=trust,
             cross_attention_qk_gain=m.qformer.cross_attention_qk_gain,
         )
         projector = llm = None
@@ -75,6 +75,12 @@ class VLM(nn.Module):
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         return self.vision(pixel_values)  # (B, 3, H, W) -> (B, N, Dv), no grad
+
+    def batch_image_embeds(self, batch: dict) -> Tensor:
+        """A batch's frozen features: cached ones when it has them, else the tower run on its pixels."""
+        if "image_embeds" in batch:
+            return batch["image_embeds"].float()  # (B, N, Dv), fp16 in the cache
+        return self.image_features(batch["pixel_values"])  # (B, N, Dv)
 
     def image_tokens(self, image_embeds: Tensor) -> Tensor:
         """Frozen features -> Q-Former queries -> projector: (B, N, Dv) -> (B, Q, Dlm)."""
@@ -129,20 +135,6 @@ class VLM(nn.Module):
         out = text_embeds.clone()
         out[positions[0], positions[1]] = image_tokens.reshape(b * q, -1).to(out.dtype)  # row-major order
         return out
-
-    # ---- use (tokenisation and decoding live in qvlm.inference) ---------------------------
-
-    def caption(self, images, prompt: str | None = None, gen=None) -> list[str]:
-        """Captions for a list of RGB PIL images (KV-cached generation; see qvlm.inference)."""
-        from qvlm.inference import caption
-
-        return caption(self, images, prompt=prompt, gen=gen)
-
-    def chat(self, image, messages, gen=None) -> str:
-        """An answer about one image to a question or a list of chat messages."""
-        from qvlm.inference import chat
-
-        return chat(self, image, messages, gen=gen)
 
     # ---- parameters ----------------------------------------------------------------------
 

@@ -166,7 +166,6 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
     limits = engine.limits
     batcher = batcher or Batcher(engine.run_batch, limits.max_batch_size, limits.max_queue)
     admission = Admission(limits.max_batch_size + limits.max_queue)
-    preparing = asyncio.Semaphore(PREPARE_CONCURRENCY)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -176,6 +175,14 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
 
     app = FastAPI(title="qvlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.batcher, app.state.admission = engine, batcher, admission
+    add_error_handlers(app)
+    add_info_routes(app, engine, batcher, admission, api_key)
+    add_chat_route(app, engine, batcher, admission, api_key)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-style JSON body."""
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -199,6 +206,16 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
         return JSONResponse(error_body(f"internal server error: {type(exc).__name__}", type="server_error"),
                             status_code=500)
 
+
+def unknown_model(engine: Engine, name: str) -> APIError:
+    return APIError(404, f"the model '{name}' does not exist; this server has '{engine.model_id}'",
+                    param="model", code="model_not_found")
+
+
+def add_info_routes(app: FastAPI, engine: Engine, batcher: Batcher, admission: Admission,
+                    api_key: str | None) -> None:
+    """The web page, /health and the model list."""
+
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html(), headers={"Content-Security-Policy": PAGE_CSP,
@@ -218,12 +235,15 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
     async def model(model_id: str, request: Request) -> dict:
         check_key(request, api_key)
         if model_id != engine.model_id:
-            raise unknown_model(model_id)
+            raise unknown_model(engine, model_id)
         return model_card(engine.model_id, engine.created)
 
-    def unknown_model(name: str) -> APIError:
-        return APIError(404, f"the model '{name}' does not exist; this server has '{engine.model_id}'",
-                        param="model", code="model_not_found")
+
+def add_chat_route(app: FastAPI, engine: Engine, batcher: Batcher, admission: Admission,
+                   api_key: str | None) -> None:
+    """POST /v1/chat/completions: admitted, parsed, prepared off the event loop, then batched."""
+    limits = engine.limits
+    preparing = asyncio.Semaphore(PREPARE_CONCURRENCY)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -234,7 +254,7 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
             body = await read_json(request, limits.max_body_bytes)
             req = parse_chat_request(body, limits)
             if req.model is not None and req.model != engine.model_id:
-                raise unknown_model(req.model)
+                raise unknown_model(engine, req.model)
             async with preparing:
                 prepared = await run_in_threadpool(engine.prepare, req)
             job = Job(key=sampling_key(req), payload=Work(req, prepared), loop=asyncio.get_running_loop())
@@ -242,53 +262,62 @@ def create_app(engine: Engine, api_key: str | None = None, batcher: Batcher | No
                 batcher.submit(job)
             except QueueFull as exc:
                 raise queue_full(str(exc)) from exc
-            cid, name = completion_id(), engine.model_id
             if req.stream:
-                def close() -> None:
-                    if not job.done:
-                        batcher.cancel(job)
-                    admission.release()
-
                 handed_off = True
-                return JobStreamResponse(stream_chunks(request, job, req.include_usage, cid, name), close,
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            try:
-                async for kind, data in job_events(request, job):
-                    if kind == "error":
-                        raise APIError(data.get("status", 500), data["message"], type="server_error")
-                    if kind == "done":
-                        return JSONResponse(completion(cid, name, data["text"], data["finish_reason"],
-                                                       data["prompt_tokens"], data["completion_tokens"]))
-            except ClientGone:
-                batcher.cancel(job)
-                return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-            raise APIError(500, "generation ended without an answer", type="server_error")
+                return stream_response(request, job, req.include_usage, engine.model_id, batcher, admission)
+            return await complete(request, job, engine.model_id, batcher)
         finally:
             if not handed_off:
                 admission.release()
 
-    async def stream_chunks(request: Request, job: Job, include_usage: bool, cid: str, name: str
-                            ) -> AsyncIterator[str]:
-        created = int(time.time())
-        yield sse(chunk(cid, name, created, {"role": "assistant", "content": ""}))
-        try:
-            async for kind, data in job_events(request, job):
-                if kind == "delta":
-                    yield sse(chunk(cid, name, created, {"content": data["text"]}))
-                elif kind == "error":
-                    yield sse(error_body(data["message"], type="server_error"))
-                    return
-                else:
-                    yield sse(chunk(cid, name, created, {}, finish_reason=data["finish_reason"]))
-                    if include_usage:
-                        yield sse(chunk(cid, name, created, usage_=usage(data["prompt_tokens"],
-                                                                          data["completion_tokens"])))
-        except ClientGone:
-            return
-        yield "data: [DONE]\n\n"
 
-    return app
+def stream_response(request: Request, job: Job, include_usage: bool, name: str, batcher: Batcher,
+                    admission: Admission) -> Response:
+    """Server-sent events of ``job``; the admission slot is given back when the stream closes."""
+    def close() -> None:
+        if not job.done:
+            batcher.cancel(job)
+        admission.release()
+
+    return JobStreamResponse(stream_chunks(request, job, include_usage, completion_id(), name), close,
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def complete(request: Request, job: Job, name: str, batcher: Batcher) -> Response:
+    """The whole answer of ``job`` as one chat.completion."""
+    cid = completion_id()
+    try:
+        async for kind, data in job_events(request, job):
+            if kind == "error":
+                raise APIError(data.get("status", 500), data["message"], type="server_error")
+            if kind == "done":
+                return JSONResponse(completion(cid, name, data["text"], data["finish_reason"],
+                                               data["prompt_tokens"], data["completion_tokens"]))
+    except ClientGone:
+        batcher.cancel(job)
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+    raise APIError(500, "generation ended without an answer", type="server_error")
+
+
+async def stream_chunks(request: Request, job: Job, include_usage: bool, cid: str, name: str) -> AsyncIterator[str]:
+    created = int(time.time())
+    yield sse(chunk(cid, name, created, {"role": "assistant", "content": ""}))
+    try:
+        async for kind, data in job_events(request, job):
+            if kind == "delta":
+                yield sse(chunk(cid, name, created, {"content": data["text"]}))
+            elif kind == "error":
+                yield sse(error_body(data["message"], type="server_error"))
+                return
+            else:
+                yield sse(chunk(cid, name, created, {}, finish_reason=data["finish_reason"]))
+                if include_usage:
+                    yield sse(chunk(cid, name, created, usage_=usage(data["prompt_tokens"],
+                                                                      data["completion_tokens"])))
+    except ClientGone:
+        return
+    yield "data: [DONE]\n\n"
 
 
 # ---- running it ------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from typing import Callable, Hashable
 import torch
 from torch import Tensor
 
-from qvlm.inference import default_prompts, end_of_turn_ids
+from qvlm.inference import default_prompts
+from qvlm.prompt import end_of_turn_ids
 from qvlm.models.generate import GenerationConfig, generate_from_images, pad_left
 from qvlm.prompt import PromptError, build_example
 from qvlm.serve.batcher import Job

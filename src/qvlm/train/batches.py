@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from qvlm.config import Config
 from qvlm.data.decode import SkipCounter
-from qvlm.train import distributed as D
+from qvlm.data.sources import open_data
+from qvlm.prompt import decoder_start_id
+from qvlm import distributed as D
 
 
 STAGE2_PROMPT_BUDGET = 96  # tokens for the system and user turns around the image slots
@@ -190,21 +192,10 @@ def merge_rank_states(states: list[dict]) -> dict:
     return merged
 
 
-def decoder_start_id(tokenizer) -> int:
-    """BLIP-2 adds a [DEC] token; a BERT vocabulary has spare ``[unused0]`` for the same role."""
-    for token in ("[DEC]", "[unused0]"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            return tid
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.cls_token_id:
-        return tokenizer.bos_token_id
-    raise ValueError("the Q-Former tokenizer has no [DEC], [unused0] or distinct BOS token for ITG")
-
-
 def build_stream(cfg: Config, model, split: str = "train", progress: bool = True) -> BatchStream:
     """The training stream for ``cfg.data.source``: stage 1 tokenises captions for the Q-Former,
     stage 2 builds chat prompts with image slots for the LLM."""
-    from qvlm.sources import load_tokenizer
+    from qvlm.model_sources import load_tokenizer
 
     q = cfg.model.qformer
     qformer_tokenizer = load_tokenizer(q.tokenizer or q.source, cfg.model.trust_remote_code)
@@ -216,14 +207,13 @@ def build_stream(cfg: Config, model, split: str = "train", progress: bool = True
         from qvlm.data.collate import Stage1Collator
 
         collate = Stage1Collator(model.vision.processor, qformer_tokenizer, max_text_len=q.max_text_len,
-                                 features=features, pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+                                 features=features)
     else:
         from qvlm.data.collate_stage2 import Stage2Collator
 
         collate = Stage2Collator(model.vision.processor, model.llm.tokenizer, q.num_queries, cfg.model.llm,
                                  max_len=cfg.data.max_caption_tokens + STAGE2_PROMPT_BUDGET + q.num_queries,
-                                 features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob,
-                                 pad_to_multiple_of=cfg.data.pad_to_multiple_of)
+                                 features=features, seed=cfg.train.seed, caption_prob=cfg.data.caption_prob)
     stream = BatchStream(dataset, collate, cfg.train.batch_size, seed=cfg.train.seed,
                          num_workers=cfg.data.num_workers, dec_token_id=decoder_start_id(qformer_tokenizer),
                          group_by_length=cfg.data.group_by_length)
@@ -254,21 +244,10 @@ def open_feature_cache(cfg: Config, model, split: str, progress: bool = True):
     """With ``data.cache_dir`` set: build (or confirm, or rebuild if stale) the cache, then open it."""
     if not cfg.data.cache_dir:
         return None
-    from qvlm.cache import CachedFeatures, run_cache_features
+    from qvlm.data.cache import CachedFeatures, run_cache_features
 
     if D.rank() == 0:
         run_cache_features(cfg.data.source, model.vision, cfg.data.cache_dir, split=split,
                            augment=cfg.data.augment, max_pixels=cfg.data.max_image_pixels, progress=progress)
     D.barrier()  # the other ranks open the cache only once rank 0 has finished writing it
     return CachedFeatures.open(cfg.data.cache_dir, model.vision)
-
-
-def open_data(cfg: Config, source: str, split: str, **kwargs):
-    """``open_dataset`` with the data.* limits and column names of the config."""
-    from qvlm.data.sources import open_dataset
-
-    options = {k: v for k, v in (("image_column", cfg.data.image_column),
-                                 ("caption_column", cfg.data.caption_column)) if v}
-    return open_dataset(source, split=split, max_pixels=cfg.data.max_image_pixels,
-                        max_chars=cfg.data.max_caption_chars, min_side=cfg.data.min_image_side,
-                        **kwargs, **options)

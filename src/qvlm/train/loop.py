@@ -20,7 +20,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from qvlm.config import Config, save_config
 from qvlm.models.vlm import VLM, read_blocks
 from qvlm.train import checkpoint as ckpt
-from qvlm.train import distributed as D
+from qvlm import distributed as D
 from qvlm.train.batches import BatchStream, build_stream
 from qvlm.train.metrics_log import MetricsLog
 from qvlm.train.optim import build_optimizer, set_lr
@@ -90,15 +89,6 @@ class TrainStep(nn.Module):
         return step_losses(self.model, batch, self.cfg, generator=generator, dec_token_id=self.dec_token_id)
 
 
-def frozen_weights(model: VLM, bf16: bool):
-    """The context of a training step: under bf16 autocast the frozen LLM runs on stored bf16 copies
-    of its Linear weights (``LanguageModel.frozen_linears_as``) instead of casting them on every
-    forward; a no-op without an LLM or without bf16."""
-    if model.llm is None:
-        return nullcontext()
-    return model.llm.frozen_linears_as(torch.bfloat16 if bf16 else None)
-
-
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
@@ -150,12 +140,10 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, disable=not progress or D.rank() != 0,
                desc=f"stage {cfg.train.stage}", file=sys.stderr, dynamic_ncols=True)
     params = [p for g in opt.param_groups for p in g["params"]]
-    frozen = partial(frozen_weights, model, bf16)  # bf16 copies of the frozen LLM weights, inside the step
     while state.step < cfg.train.max_steps:
         t0 = time.perf_counter()
         lr = set_lr(opt, state.step, cfg.train)
-        with frozen():
-            terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
+        terms = train_step(step_module, accelerator, model, opt, stream, cfg, autocast, gen, params, device)
         state.step += 1
         seconds = time.perf_counter() - t0
         state.train_s += seconds
@@ -171,8 +159,6 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
             state.log.close()
             return {"step": state.step, "stopped": True}
     bar.close()
-    if model.llm is not None:
-        model.llm.release_frozen_copies()
     result = finish(cfg, out, model, opt, stream, gen, state, eval_fn)
     return {**result, "model": model} if return_model else result
 

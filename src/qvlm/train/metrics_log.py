@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from qvlm.train import distributed as D
+from qvlm import distributed as D
 
 
 class MetricsLog:

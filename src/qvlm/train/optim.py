@@ -57,7 +57,7 @@ def build_optimizer(named_groups: dict[str, list[tuple[str, nn.Parameter]]], cfg
                                      "base_lr": lr, "name": f"{group}/{suffix}"})
     if not param_groups:
         raise ValueError("nothing to train: every parameter is frozen")
-    if fused is None:  # the fused kernel: ~5x faster than foreach on CPU too (qvlm bench, benchmarks/RESULTS.md)
+    if fused is None:  # the fused AdamW kernel where PyTorch has one (CUDA and CPU)
         fused = all(p.device.type in ("cuda", "cpu") for g in param_groups for p in g["params"])
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     return opt, counts

@@ -79,7 +79,7 @@ def base_answers(lm: LanguageModel, prompts: list[str], exclude: Iterable[str] =
                  max_new_tokens: int = MAX_ANSWER_TOKENS) -> ReplaySet:
     """The base model's (adapters off) greedy answers to ``prompts``, asked through its chat
     template with no system turn, as a user would ask them."""
-    from qvlm.inference import end_of_turn_ids
+    from qvlm.prompt import end_of_turn_ids
 
     tok, exclude = lm.tokenizer, list(exclude)
     device = lm.model.get_input_embeddings().weight.device

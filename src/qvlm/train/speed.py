@@ -8,13 +8,7 @@
   models are unchanged). The layers of one kind share one compiled graph, so compiling costs about
   as much as for one layer, and the LLM is compiled whichever entry point calls it (the training
   step runs its decoder without the LM head). A compiled layer runs its forward and its backward
-  as a few fused kernels: far fewer kernel launches, which is what bounds a GPU step at small
-  widths. Off by default: the first steps pay the compilation, and on CPU it was not faster
-  (benchmarks/RESULTS.md);
-- ``train.fused_qkv``: each Q-Former self-attention projects its queries, keys and values with one
-  GEMM against the three weights concatenated (``QFormer.fuse_qkv``): one kernel and one autocast
-  cast of the input instead of three. Off by default: on CPU the GEMMs were no faster and the
-  concatenation costs copies; ``qvlm bench`` times it against the separate projections.
+  as a few fused kernels. Off by default: the first steps pay the compilation.
 """
 
 from __future__ import annotations
@@ -30,9 +24,6 @@ def apply_speed_options(model, train: TrainConfig) -> list[str]:
         on.append("gradient_checkpointing")
         if model.llm is not None:
             set_llm_checkpointing(model.llm, True)
-    if train.fused_qkv:
-        model.qformer.fuse_qkv(True)
-        on.append("fused_qkv")
     if train.compile:
         compile_layers(model)
         on.append("compile")

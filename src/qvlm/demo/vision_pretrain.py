@@ -1,17 +1,17 @@
-"""Pretrain the offline demo's vision tower on the synthetic scenes' attribute labels (issue 4, item 5).
+"""Pretrain the offline demo's vision tower on the synthetic scenes' attribute labels (``qvlm pretrain-vision``).
 
-No pretrained image backbone installs offline, so ``qvlm pretrain-vision`` trains a small HF
-``ViTModel`` (64 px, patch 8, width 192, 4 layers: 1.87M parameters) to recognise, for each of the
-five positions, whether it holds an object and that object's colour, shape and size. The labels are
-factorised (one cross-entropy per attribute, colour/shape/size ignored where the position is empty),
-so held-out colour-shape pairs remain recognisable.
+No pretrained image backbone installs offline, so this trains a small HF ``ViTModel`` (by default
+64 px, patch 8, width 192, 4 layers) to recognise, for each of the five positions, whether it holds
+an object and that object's colour, shape and size. The labels are factorised (one cross-entropy
+per attribute, colour/shape/size ignored where the position is empty), so held-out colour-shape
+pairs remain recognisable.
 
-Two readouts (thrown away after training; only the tower is kept):
+Three readouts (thrown away after training; only the tower is kept):
 - ``spatial`` (default): one linear head shared by every token, pooled per position with learned
   weights that start as a bump around the position's centre. Each token must then describe its own
-  region in one code, which is what a Q-Former's cross-attention can read: stage-1 retrieval R@1 went
-  from 0.27/0.30 (flat) to 0.50/0.52 with the same stage 1 (benchmarks/RESULTS.md). It passes 0.99
-  per-attribute accuracy in about 75 s of training on 2 idle CPU cores.
+  region in one code, which is what a Q-Former's cross-attention can read (stage-1 retrieval is
+  much better than with the flat readout).
+- ``bound``: ``spatial`` plus a scene head on the mean of the tokens (``BoundReadout``).
 - ``flat``: one linear layer over all output tokens flattened, (B, N*Dv) -> logits; as accurate,
   but the code may be spread over all tokens.
 
@@ -19,16 +19,15 @@ With ``grey_view`` (for ``model.vision.grey_view``, which feeds the tower each i
 half of the training images are shown grey and supervise presence, shape and size; the other half
 stay in colour and supervise presence, colour and size, never shape, through the per-token head
 (the bound readout's scene head on the mean token still learns every attribute of a colour image,
-which keeps an object's attributes bound together: count 0.855 -> 0.94 in the demo). In the
-training split colour predicts shape (green is never a circle there), and a tower that learns
-shape from colour images uses that: it named the shapes of never-trained pairs 19% right.
-Learned from grey images only, shape is read 96% right on them (benchmarks/RESULTS.md). Evaluation
-then takes colour, presence and size from the colour view and shape from the grey view.
+which keeps an object's attributes bound together). In the training split colour predicts shape
+(green is never a circle there), and a tower that learns shape from colour images uses that and
+misnames the shapes of never-trained pairs; learned from grey images only, shape is read from the
+outline. Evaluation then takes colour, presence and size from the colour view and shape from the
+grey view.
 
 The early stop (``target_acc``) watches the per-token head. The bound readout's scene head, which a
-broadly averaging Q-Former query reads, learns more slowly: with the grey view the token head passed
-0.99 after 350 steps, when the scene head named 23% of objects right (54% after 700 steps), and
-the stage-1 Q-Former's own captions had exact match 0.245 against 0.525. ``evaluate`` reports it as
+broadly averaging Q-Former query reads, learns more slowly and keeps improving (and with it the
+stage-1 Q-Former's captions) after the token head is nearly perfect. ``evaluate`` reports it as
 ``scene_object_acc``; the demo trains its tower for the whole step budget.
 
 The tower is saved in HF format (config.json, model.safetensors, preprocessor_config.json) so
@@ -108,7 +107,7 @@ class SpatialReadout(nn.Module):
     makes every token describe, in one linear code, the object it covers (or the background), so a
     Q-Former query that attends to a region reads that region's object; the flat readout lets the
     code be spread over all tokens instead. The pooling weights start as a Gaussian bump around each
-    position's centre on the patch grid (learned from there; uniform weights did not learn in 3 min)."""
+    position's centre on the patch grid (learned from there; uniform weights barely learned)."""
 
     def __init__(self, num_tokens: int, width: int, sigma: float = 0.1):
         super().__init__()
@@ -184,7 +183,7 @@ def attribute_accuracy(pred: Tensor, targets: Tensor) -> dict[str, float]:
     ``attr_acc`` is the mean over every (image, position, attribute in colour/shape/size), B*P*3
     cases: at an occupied position an attribute counts as correct when the position is predicted
     occupied and the attribute's argmax is right; at an empty position all three count as correct
-    exactly when the position is predicted empty. Empty positions are easy and make up about 60% of
+    exactly when the position is predicted empty. Empty positions are easy and make up most
     positions, so ``object_acc`` (the same, over occupied positions only) and ``presence_acc`` are
     reported too, and per attribute over occupied positions (``color_acc``, ``shape_acc``,
     ``size_acc``).
@@ -275,8 +274,8 @@ def evaluate(tower, readout: nn.Module, pixels: Tensor, targets: Tensor, process
 class ThreadPicker:
     """Runs each step on 1 or on all intra-op threads, whichever was faster when last timed.
 
-    When other processes share the (2) cores, 2 OpenMP threads can be 10x slower than 1 (each barrier
-    waits for a descheduled thread); on idle cores 2 threads are ~1.7x faster. The choice in use is
+    When other processes share the cores, several OpenMP threads can be much slower than 1 (each
+    barrier waits for a descheduled thread); on idle cores they are faster. The choice in use is
     rated by its fastest of the last 3 steps (one slow step does not flip it); the other is probed
     for one step ``every`` steps on, twice as long after each lost probe (at most ``4 * every``).
     Step 0, the warm-up, runs on 1 thread (cheap whatever the load) and is not timed.

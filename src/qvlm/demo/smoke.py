@@ -1,4 +1,4 @@
-"""An end-to-end smoke run of the composed model (what ``make demo`` runs until ``qvlm demo`` lands).
+"""``qvlm smoke``: an end-to-end smoke run of the composed model.
 
 Builds every block from the config, pushes one drawn image through vision -> Q-Former -> projector
 -> LLM (untrained bridge: the point is that every shape and every source resolves), and asks the

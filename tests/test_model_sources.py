@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from qvlm import sources
-from qvlm.sources import SourceError, resolve
+from qvlm import model_sources as sources
+from qvlm.model_sources import SourceError, resolve
 
 
 def test_random_source_parses_typed_options():

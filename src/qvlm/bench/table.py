@@ -8,36 +8,13 @@ RATIO_GOALS = {"qformer_vs_hf_blip2": 1.2, "cached_vs_pixels_stage1": 1.5}
 RATIO_MEANING = {
     "qformer_vs_hf_blip2": "Q-Former fwd+bwd at the recipe's batch: transformers Blip2QFormerModel (SDPA) time / "
                            "ours",
-    "qformer_vs_hf_blip2_eager": "Q-Former fwd+bwd: Blip2QFormerModel, eager (hand-rolled) attention / ours",
-    "hf_sdpa_vs_eager": "Blip2QFormerModel eager attention / SDPA attention",
-    "qformer_vs_hf_blip2_b8": "the same at batch 8 (full run): Blip2QFormerModel (SDPA) time / ours",
-    "qformer_vs_hf_blip2_b256": "the same at batch 256 (GPUs): Blip2QFormerModel (SDPA) time / ours",
-    "qformer_vs_hf_blip2_eager_b256": "the same at batch 256 (GPUs): Blip2QFormerModel, eager attention / ours",
-    "hf_sdpa_vs_eager_b256": "the same at batch 256 (GPUs): Blip2QFormerModel eager attention / SDPA attention",
-    "fused_qkv_qformer": "Q-Former fwd+bwd: ours / ours with self-attention q/k/v as one GEMM (train.fused_qkv)",
-    "fused_qkv_qformer_b256": "the same at batch 256 (GPUs): ours / ours with q/k/v as one GEMM",
-    "cheap_dropout_qformer": "Q-Former fwd+bwd: ours with PyTorch's dropout masks (bernoulli_) / ours (CPU masks "
-                             "from random words)",
-    "cheap_dropout_qformer_b256": "the same at batch 256 (GPUs, where both use F.dropout)",
-    "bf16_math_attention_qformer": "Q-Former fwd+bwd (CPU, bf16): ours with SDPA's math kernel in fp32 (PyTorch's "
-                                   "default upcast) / ours (math kernel in bf16)",
-    "cached_vs_pixels_stage1": "stage-1 step at ViT-B/16-224: from image files / from cached features",
-    "cached_vs_pixels_stage1_vitl14": "stage-1 step at ViT-L/14-224: from image files / from cached features",
-    "cached_vs_pixels_stage1_demo": "stage-1 step at demo shapes: from image files / from cached features",
-    "fused_vs_lavis_passes_stage1": "stage-1 step: LAVIS-style separate passes / our fused passes",
-    "shared_image_kv_stage1": "stage-1 step: ITM re-encoding its images / sharing the ITC pass's image K/V",
-    "one_query_pass_stage1": "stage-1 step: separate query and text passes / one unimodal pass",
-    "dynamic_vs_max_padding_stage1": "stage-1 step: padded to max_text_len / padded to the longest caption",
-    "pad16_vs_longest_stage2": "stage-2 step: rows padded to the longest / padded to a multiple of 16",
-    "shared_prefix_stage2": "stage-2 step, LoRA from the image on: whole rows / shared prompt prefix run once",
+    "cached_vs_pixels_stage1": "stage-1 step: from image files / from cached features",
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
     "compiled_decoding_generation": "caption latency (1 image): KV cache / KV cache with compiled decoding steps",
     "compiled_decoding_generation_batched": "batched captions: KV cache / KV cache with compiled decoding steps",
-    "compile_stage1": "stage-1 step: eager / torch.compile'd Q-Former",
-    "compile_stage2": "stage-2 step: eager / torch.compile'd Q-Former and LLM (GPUs only)",
-    "fused_vs_foreach_adamw": "AdamW step: foreach / fused",
-    "workers_pixels_stage1": "stage-1 step from image files: 0 DataLoader workers / 2 workers",
+    "compile_stage1": "stage-1 step: eager / torch.compile'd layers",
+    "compile_stage2": "stage-2 step: eager / torch.compile'd layers (GPUs only)",
 }
 
 
@@ -54,11 +31,9 @@ def fmt(value, digits: int = 1) -> str:
 
 
 def throughput(r: dict) -> str:
-    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s"), ("params_per_s", "params/s")):
+    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):
         if key in r:
-            value = r[key]
-            text = f"{value / 1e6:.0f}M {unit}" if key == "params_per_s" else f"{value:.2f} {unit}"
-            return text + (f", {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
+            return f"{r[key]:.2f} {unit}" + (f", {r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
     return "-"
 
 
@@ -89,8 +64,7 @@ def goal_verdict(value: float, goal: float, interval: dict | None) -> str:
 
 def table(report: dict) -> str:
     """Rows grouped by benchmark, then the ratios and notes."""
-    head = (f"qvlm bench on {report['device']} ({report['threads']} threads; malloc "
-            f"{report.get('malloc', '-')}), {report['precision']}, "
+    head = (f"qvlm bench on {report['device']} ({report['threads']} threads), {report['precision']}, "
             f"{'--quick' if report['quick'] else 'full'}; median of {report['repeats']} timed runs (ratios give "
             f"their own n) after {report['warmup']} warm-up, variants interleaved; load average "
             f"{report['load_avg_start']} at start, {report['load_avg_end']} at end")
