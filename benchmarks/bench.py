@@ -1,6 +1,6 @@
 """Thin entry point to the benchmarks in the library: ``python benchmarks/bench.py [--quick] [--json]
 [--device cpu|cuda] [--precision auto|bf16|fp32] [--batch-search MAX]`` is ``qvlm bench ...``.
-The code lives in ``src/qvlm/bench/``; measured numbers are in benchmarks/RESULTS.md."""
+The code lives in ``src/qvlm/bench/``; current numbers are in docs/performance.md."""
 
 import sys
 

@@ -11,8 +11,8 @@
 # Prints progress, then the table, then samples/s, tokens/s and model FLOPs utilisation (MFU) of the
 # train steps with the card's name. Each part's JSON report goes to ${OUT:-benchmarks}/gpu_bench_<part>.json
 # and is rewritten after every section, so a run stopped by its time limit keeps what it finished;
-# gpu_bench.json holds all parts together. Paste the
-# numbers into benchmarks/RESULTS.md with the card named. QVLM_GPU_PARTS picks the parts (below).
+# gpu_bench.json holds all parts together. Put the numbers in docs/performance.md's GPU table with
+# the date, commit and card. QVLM_GPU_PARTS picks the parts (below).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -53,10 +53,10 @@ echo "gpu.sh: setup took $(( $(date +%s) - start )) s; torch $("$PY" -c 'import 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
 
 # Each part is its own `qvlm bench` call with its own time limit, so a slow part cannot starve the
-# ones after it; stage 2 first (its MFU is the goal), then stage 1, then generation, the Q-Former and
-# compiled decoding (last: its compiling takes a minute; the JSON is rewritten after each section).
+# ones after it; stage 2 first (its MFU is the goal), then stage 1, then generation and the Q-Former
+# (the JSON is rewritten after each section).
 # A part is "name sections largest-batch-searched share-of-the-budget-in-percent".
-PARTS=${QVLM_GPU_PARTS:-"stage2 stage2 1024 40;stage1 stage1 256 35;rest generation,qformer,decode 0 25"}
+PARTS=${QVLM_GPU_PARTS:-"stage2 stage2 1024 40;stage1 stage1 256 35;rest generation,qformer 0 25"}
 left=$(( BUDGET - ($(date +%s) - start) ))
 (( left < 240 )) && left=240  # the setup was slow; give the benchmarks four minutes anyway
 status=0
@@ -84,10 +84,10 @@ import json, sys
 from qvlm.bench.table import table, to_json
 
 parts = [json.load(open(path)) for path in sys.argv[2:]]
-report = dict(parts[0])  # one report of every part: rows, ratios, findings and notes together
+report = dict(parts[0])  # one report of every part: rows, ratios and notes together
 for key in ("rows", "notes", "sections"):
     report[key] = [x for part in parts for x in part.get(key, [])]
-for key in ("ratios", "findings", "ratio_intervals"):
+for key in ("ratios", "ratio_intervals"):
     report[key] = {k: v for part in parts for k, v in part.get(key, {}).items() if v is not None}
 report["partial"] = any(part.get("partial") for part in parts)
 report["wall_s"] = round(sum(part.get("wall_s", 0) for part in parts), 1)

@@ -65,7 +65,8 @@ def run_epoch(out: str, shards: str, overrides: list[str]) -> None:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"data.source={shards}", *overrides])
     model = VLM.from_config(cfg, with_llm=False)
     stream = build_stream(cfg, model, split="train")
-    keys = [key for batch in stream.loader() for key in batch["keys"]]
+    keys = [item["key"] for items in stream.loader() for item in items  # raw items: records and markers
+            if "skip" not in item and "shard_done" not in item]
     everyone = D.all_gather_object({"rank": D.rank(), "keys": keys})
     if D.rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,12 @@ import base64
 import io
 import json
 import struct
+import threading
+import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 from PIL import Image
@@ -108,3 +112,25 @@ def assert_openai_error(resp: httpx.Response, status: int | None = None) -> dict
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
     return err
+
+
+@contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Run ``app`` on a background thread for the ``with`` block; yields its base URL."""
+    from qvlm.serve.app import bind, make_server
+
+    sock = bind(host, port)
+    server = make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qvlm-serve")
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("the server did not start")
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

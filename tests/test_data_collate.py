@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from qvlm.data.collate import Augment, LengthGroupedSampler, Stage1Collator
-from qvlm.data.decode import SkipCounter
 from qvlm.data.synth import SynthScenes
 from qvlm.models.vision import ImageProcessor
 from qvlm.model_sources import load_tokenizer
@@ -36,24 +35,21 @@ def test_batch_shapes_and_dynamic_padding(tokenizer):
     assert batch["attention_mask"][rows, cols + 1].all() and (cols + 1 < batch["attention_mask"].sum(1)[rows]).all()
 
 
-def test_truncation_and_markers(tokenizer):
+def test_truncation(tokenizer):
     ds = SynthScenes(2, image_size=16)
     long = dict(ds[0], caption="word " * 500, key="long")
-    items = [long, ds[1], {"key": "bad", "skip": "truncated"}, {"key": "s#end", "shard_done": "s.tar"},
-             {"key": "bad2", "skip": "truncated"}]
-    batch = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=12)(items)
+    batch = Stage1Collator(ImageProcessor(size=16), tokenizer, max_text_len=12)([long, ds[1]])
     assert batch["input_ids"].shape == (2, 12) and batch["attention_mask"][0].all()
-    assert batch["skipped"] == {"truncated": 2} and batch["shards_done"] == ["s.tar"]
-    counter = SkipCounter()
-    counter.update(batch)
-    assert counter.to_dict()["records"] == 4 and counter.used == 2
 
 
-def test_empty_batch(tokenizer):
-    batch = Stage1Collator(ImageProcessor(size=16), tokenizer)([{"key": "x", "skip": "empty_file"}])
-    assert batch["keys"] == [] and batch["pixel_values"].shape == (0, 3, 16, 16)
-    assert batch["input_ids"].shape[0] == 0 and batch["skipped"] == {"empty_file": 1}
-    assert batch["itg_positions"].shape == (2, 0)
+def test_prepare_skips_a_record_missing_from_the_feature_cache(tokenizer):
+    from qvlm.data.decode import SkipRecord
+
+    record = SynthScenes(1, image_size=16)[0]
+    collate = Stage1Collator(None, tokenizer, features={"other-image"})
+    with pytest.raises(SkipRecord, match="not_in_cache"):
+        collate.prepare(record)
+    assert Stage1Collator(None, tokenizer, features={record["image_id"]}).prepare(record) is record
 
 
 def test_augment_is_opt_in_and_excludes_cache(tokenizer):

@@ -7,7 +7,6 @@ from collections import Counter
 import pytest
 from torch.utils.data import DataLoader
 
-from qvlm.data.collate import split_items
 from data_fixtures import write_shards
 from qvlm.data.sources import open_dataset
 
@@ -17,11 +16,17 @@ def keep_items(items):
     return items
 
 
+def split_items(items: list[dict]) -> tuple[list[dict], list[str]]:
+    """(records, finished shards) of a list of records and markers."""
+    records = [i for i in items if "skip" not in i and "shard_done" not in i]
+    return records, [i["shard_done"] for i in items if "shard_done" in i]
+
+
 def read_epoch(ds, workers: int, batch_size: int = 3) -> tuple[list[str], list[str]]:
     keys, done = [], []
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=keep_items)
     for items in loader:
-        records, _, shards, _ = split_items(items)
+        records, shards = split_items(items)
         keys += [r["key"] for r in records]
         done += shards
     return keys, done
@@ -69,7 +74,7 @@ def test_resume_skips_finished_shards(shards):
     consumed = []
     loader = DataLoader(first, batch_size=5, num_workers=0, collate_fn=keep_items)
     for step, items in enumerate(loader):
-        records, _, done, _ = split_items(items)
+        records, done = split_items(items)
         consumed += [r["key"] for r in records]
         first.mark_done(done)
         if step == 1:

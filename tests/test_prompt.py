@@ -257,13 +257,15 @@ def test_prompt_choice_is_deterministic_per_seed_and_key(tok):
     assert random.getstate() == state  # the global RNG is never used
 
 
-def test_collator_markers_and_no_supervision(tok):
-    items = scenes(2) + [{"key": "bad", "skip": "truncated"}, {"key": "s#end", "shard_done": "s.tar"},
-                         {"key": "bad2", "skip": "truncated"}]
-    batch = collator(tok)(items)
-    assert batch["skipped"] == {"truncated": 2} and batch["shards_done"] == ["s.tar"] and len(batch["keys"]) == 2
-    empty = collator(tok)([{"key": "x", "skip": "empty_file"}])
-    assert empty["keys"] == [] and empty["input_ids"].shape == (0, 0) and empty["pixel_values"].shape[0] == 0
+def test_a_record_whose_prompt_cannot_be_built_is_a_skip_and_no_supervision_fails(tok):
+    from qvlm.data.decode import SkipRecord
+
+    good = scenes(1)[0]
+    assert collator(tok).prepare(good)["_example"].input_ids
+    two = {**good, "caption": None, "messages": [{"role": "user", "content": "<image> or <image>?"},
+                                                  {"role": "assistant", "content": "yes"}]}
+    with pytest.raises(SkipRecord, match="bad_prompt"):
+        collator(tok).prepare(two)
     records = scenes(2, captions_only=True)
     tight = max(len(build_example(tok, Q, u, None, s).input_ids) for u in ("Describe the image.", "What is here?")
                 for s in ("Sys one.", "Sys two."))
@@ -284,6 +286,9 @@ class FakeFeatures:
 
 def test_collator_with_feature_cache(tok):
     items = scenes(3)
-    batch = collator(tok, processor=None, features=FakeFeatures([r["image_id"] for r in items[:2]]))(items)
+    collate = collator(tok, processor=None, features=FakeFeatures([r["image_id"] for r in items[:2]]))
+    batch = collate(items[:2])
     assert batch["image_embeds"].shape == (2, 5, 8) and "pixel_values" not in batch
-    assert batch["skipped"] == {"not_in_cache": 1} and batch["input_ids"].shape[0] == 2
+    assert batch["input_ids"].shape[0] == 2
+    with pytest.raises(Exception, match="not_in_cache"):
+        collate.prepare(items[2])

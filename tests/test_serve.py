@@ -23,7 +23,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
 
-from qvlm.serve.app import create_app, serve_in_thread  # noqa: E402
+from qvlm.serve.app import create_app  # noqa: E402
+from serve_helpers import serve_in_thread  # noqa: E402
 from qvlm.serve.batcher import Batcher, Job, QueueFull  # noqa: E402
 from qvlm.serve.engine import Engine, TextStream, Work, sampling_key  # noqa: E402
 from qvlm.serve.schemas import Limits, parse_chat_request  # noqa: E402

@@ -16,7 +16,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
-from qvlm.serve.app import create_app, serve_in_thread  # noqa: E402
+from qvlm.serve.app import create_app  # noqa: E402
+from serve_helpers import serve_in_thread  # noqa: E402
 from qvlm.serve.engine import Engine  # noqa: E402
 from qvlm.serve.schemas import Limits  # noqa: E402
 from serve_helpers import API_KEY, bomb_png, chat_body, data_url, png, truncated_png  # noqa: E402

@@ -16,7 +16,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 import httpx  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
-from qvlm.serve.app import create_app, serve_in_thread  # noqa: E402
+from qvlm.serve.app import create_app  # noqa: E402
+from serve_helpers import serve_in_thread  # noqa: E402
 from qvlm.serve.engine import Engine  # noqa: E402
 from qvlm.serve.schemas import Limits  # noqa: E402
 from serve_helpers import API_KEY, chat_body  # noqa: E402

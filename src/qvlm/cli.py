@@ -1,4 +1,4 @@
-"""The ``qvlm`` command line. ``main(argv) -> int``; see DESIGN.md §7 for the contract.
+"""The ``qvlm`` command line: one subcommand per task (``qvlm --help``; docs/). ``main(argv) -> int``.
 
 Exit codes: 0 success, 2 usage or config error (the message names the key or flag), 1 runtime
 failure. ``--json`` prints exactly one JSON object on stdout; logs and progress go to stderr.
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from qvlm.config import ConfigError, dump_config, load_config
 from qvlm.data.records import DataSourceError
-from qvlm.model_sources import SourceError
+from qvlm.model_sources import SourceError, UnreadableFile
 
 
 class UsageError(Exception):
@@ -62,11 +62,15 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from qvlm.eval.retrieval import eval_source, evaluate_retrieval
     from qvlm import distributed as D
-    from qvlm.train.loop import train
+    from qvlm.eval.retrieval import eval_source, evaluate_retrieval
+    from qvlm.train.loop import RunExists, check_run_folder, train
 
     cfg = load_config(args.config, args.overrides)
+    try:
+        check_run_folder(Path(args.out), args.resume, args.overwrite)
+    except RunExists as exc:
+        raise UsageError(str(exc)) from exc
     eval_fn = None
     if cfg.train.stage == 1 and cfg.eval.max_samples > 0:
         if eval_source(cfg) is None:
@@ -74,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             eval_fn = evaluate_retrieval
     try:
-        result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress)
+        result = train(cfg, args.out, resume=args.resume, eval_fn=eval_fn, progress=not args.no_progress,
+                       overwrite=args.overwrite)
     finally:
         several = D.teardown()  # under torchrun: stop the process group's threads before exit
     if args.json:
@@ -138,6 +143,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    """Which checkpoints of a run are intact (sizes and SHA-256 against what was written); exit 1
+    when any is damaged."""
+    from qvlm.train.checkpoint import checkpoint_problems, checkpoint_states
+
+    root = Path(args.dir)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    states = [(root, checkpoint_problems(root))] if root.name.startswith("step-") else checkpoint_states(root)
+    if not states or not root.is_dir():
+        raise UsageError(f"{args.dir}: no checkpoints (give a run folder, its checkpoints/ or one step-N/)")
+    report = {"checkpoints": [{"name": p.name, "intact": not bad, "problems": bad} for p, bad in states],
+              "newest_intact": next((p.name for p, bad in states if not bad), None)}
+    if args.json:
+        print_json(report)
+    for entry in [] if args.json else report["checkpoints"]:
+        print(f"{entry['name']}: {'intact' if entry['intact'] else 'damaged'}")
+        for problem in entry["problems"]:
+            print(f"  {problem}")
+    return 0 if all(not bad for _, bad in states) else 1
+
+
 def cmd_cache_features(args: argparse.Namespace) -> int:
     from qvlm.data.cache import run_cache_features
     from qvlm.models.vision import VisionEncoder
@@ -175,12 +202,12 @@ def cmd_pretrain_vision(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from qvlm.data.decode import decode_image
+    from qvlm.data.decode import read_image_file
     from qvlm.inference import caption
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
-    images = [decode_image(path) for path in args.images]
+    images = [read_image_file(path) for path in args.images]
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, compile=args.compile)
     texts = caption(model, images, prompt=args.prompt, gen=gen)
@@ -193,12 +220,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qvlm.data.decode import decode_image
+    from qvlm.data.decode import read_image_file
     from qvlm.inference import chat
     from qvlm.models.generate import GenerationConfig
     from qvlm.models.vlm import VLM
 
-    image = decode_image(args.image)
+    image = read_image_file(args.image)
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, compile=args.compile)
@@ -237,7 +264,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Speed benchmarks with their references in the same run (benchmarks/RESULTS.md)."""
+    """Speed benchmarks with their references in the same run (current figures: docs/performance.md)."""
     import torch
 
     from qvlm.bench import check_sections, run_bench
@@ -352,8 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-search", type=int, default=0, metavar="MAX",
                    help="train steps at real shapes use the largest power-of-two batch up to MAX that fits (GPUs)")
     p.add_argument("--sections", default="qformer,stage1,stage2,generation", metavar="LIST",
-                   help="comma-separated sections to run, in this order (default: the first four; "
-                        "decode, compiled decoding against the eager KV cache, compiles for minutes on a CPU)")
+                   help="comma-separated sections to run, in this order (default: all four)")
     p.add_argument("--json-out", default=None, metavar="FILE",
                    help="also write the JSON report to FILE, updated after every section")
     p.add_argument("--plan", choices=["quick", "full", "smoke"], default=None, help=argparse.SUPPRESS)
@@ -368,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train stage 1 or 2 (train.stage) and write OUT/model")
     add_config_args(p)
     p.add_argument("--out", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints/, model/")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final metrics as one JSON object")
     p.set_defaults(func=cmd_train)
@@ -403,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "says which object is where; the demo's choice); flat: one linear layer over all tokens")
     p.add_argument("--grey-view", action="store_true",
                    help="learn shape from grey copies of the images only, for model.vision.grey_view=true "
-                        "(colour then cannot stand in for shape; benchmarks/RESULTS.md, runs O, P and R)")
+                        "(colour then cannot stand in for shape)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_pretrain_vision)
 
@@ -458,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP + " (compiled at start-up)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("checkpoint", help="check a run's checkpoints")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True, metavar="CHECKPOINT_COMMAND")
+    c = csub.add_parser("verify", help="which checkpoints are intact (file sizes and SHA-256); exit 1 if any is damaged")
+    c.add_argument("dir", help="a run folder, its checkpoints/ folder, or one checkpoints/step-N/")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_checkpoint)
+
     p = sub.add_parser("data", help="make or inspect data")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     d = dsub.add_parser("synth", help="write synthetic scenes: DIR/train.jsonl, test.jsonl, heldout.jsonl")
@@ -481,6 +515,11 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except (ConfigError, UsageError, SourceError, DataSourceError) as exc:
         eprint(f"qvlm {args.command}: error: {exc}")
         return 2
+    except UnreadableFile as exc:  # a damaged model, checkpoint or image: the file and what is wrong
+        if os.environ.get("QVLM_DEBUG"):
+            traceback.print_exc()
+        eprint(f"qvlm {args.command}: error: {' '.join(str(exc).split())}")  # one line
+        return 1
     except KeyboardInterrupt:
         eprint(f"qvlm {args.command}: interrupted")
         return 130

@@ -12,7 +12,6 @@ then ``data``, ``train`` and ``eval``.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -274,19 +273,6 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key)
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0])
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

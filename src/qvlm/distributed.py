@@ -53,9 +53,8 @@ def exit_rank(code: int) -> NoReturn:
 
     Even after :func:`teardown`, the gloo backend's threads sometimes abort a rank there ("terminate
     called without an active exception", SIGABRT, exit code -6), after every file was written: a
-    finished run reported as failed (twice in full test runs on 2026-12-06, in CI and locally; never
-    in 20 runs of those tests, or 30 launches of the command, on their own). Nothing is pending by
-    then but the standard streams, which are flushed first."""
+    finished run reported as failed (rarely, and only seen inside full test runs). Nothing is pending
+    by then but the standard streams, which are flushed first."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -1,6 +1,6 @@
 """Resolve a model source string and load configs, weights and tokenizers from it.
 
-A source is one of (DESIGN.md §2):
+A source is one of (docs/configuration.md, "Model sources"):
 
 - ``org/name``                 a Hugging Face hub id (needs the hub or its local cache);
 - ``path/to/dir``              a local directory in HF format;
@@ -44,6 +44,27 @@ class Source:
         if self.gguf_file:
             kwargs["gguf_file"] = self.gguf_file
         return self.path, kwargs
+
+
+class UnreadableFile(RuntimeError):
+    """A file that is missing, cut short or not what it should be (a saved model's or checkpoint's
+    safetensors, JSON or config.yaml; an input image). The message names the file and says what is
+    wrong, in one line."""
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never a pickle), or ``UnreadableFile`` naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFile(f"{path}: missing")
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error type for a bad header or a short file
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableFile(f"{path}: not a readable safetensors file ({path.stat().st_size} bytes; "
+                             f"{detail})") from exc
 
 
 def resolve(source: str) -> Source:

@@ -2,10 +2,9 @@
 
 Sections: the Q-Former forward + backward against ``transformers``' ``Blip2QFormerModel``
 (``qformer_ref``); the stage-1 step from cached features vs from image files and the stage-2 step,
-each with gradient checkpointing and ``torch.compile`` on/off in the full run (``stages``); caption
-generation with and without the KV cache (``generation``); and, asked for by name, compiled
-decoding steps against the eager KV cache (``decode``). Timing and memory come from ``timing``, the
-stage-2 model FLOPs and MFU from ``flops``, the table and JSON from ``table``.
+each with gradient checkpointing and ``torch.compile`` on/off in the full run (``stages``); and caption
+generation with and without the KV cache (``generation``). Timing and memory come from ``timing``,
+the stage-2 model FLOPs and MFU from ``flops``, the table and JSON from ``table``.
 
 ``run_bench(quick=..., device=..., precision=...)`` returns the report dict; its ``ratios`` hold
 ``qformer_vs_hf_blip2``, ``cached_vs_pixels_stage1`` and ``kv_cache_generation`` (ours faster by).
@@ -32,7 +31,6 @@ from qvlm.bench.timing import Ratio
 
 __all__ = ["run_bench", "PLANS"]
 RECIPE_BATCH = 32  # train.batch_size of configs/blip2-smollm2.yaml, the real shapes' recipe (a test keeps them equal)
-NOISY = 0.5  # a row whose (max - min) / median of timed rounds exceeds this is flagged in the notes
 HEADLINE = ("qformer_vs_hf_blip2", "cached_vs_pixels_stage1", "kv_cache_generation")
 
 
@@ -63,8 +61,7 @@ PLANS = {
     "smoke": Plan(repeats=1, warmup=0, option_repeats=1, qformer_repeats=1, qformer_batch=2, stage1_batch=2,
                   stage2_batch=2, gen_batch=2, gen_tokens=2, options=True, compile=False, shapes="smoke"),
 }
-SECTIONS = ("qformer", "stage1", "stage2", "generation", "decode")
-DEFAULT_SECTIONS = SECTIONS[:4]  # "decode" compiles for minutes on a CPU: asked for by name
+SECTIONS = ("qformer", "stage1", "stage2", "generation")
 
 
 def device_name(device: torch.device) -> str:
@@ -88,11 +85,11 @@ def check_sections(sections: tuple[str, ...]) -> None:
 
 
 def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto", plan: str | None = None,
-              batch_search: int = 0, work_dir: str | None = None, progress: bool = True,
-              sections: tuple[str, ...] = DEFAULT_SECTIONS, partial: Callable[[dict], None] | None = None) -> dict:
-    """Run the ``sections`` in the order given and return the report (rows, ratios, findings, notes,
-    run details); ``partial(report)`` gets the report so far after each section (so a run stopped
-    by a time limit still leaves its finished sections)."""
+              batch_search: int = 0, sections: tuple[str, ...] = SECTIONS,
+              partial: Callable[[dict], None] | None = None) -> dict:
+    """Run the ``sections`` in the order given and return the report (rows, ratios, notes, run
+    details); ``partial(report)`` gets the report so far after each section (so a run stopped by a
+    time limit still leaves its finished sections)."""
     from qvlm.bench import stages
     from qvlm.bench.flops import peak_bf16_flops
     from qvlm.bench.harness import Bench
@@ -103,9 +100,9 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
               "device_type": dev.type, "threads": torch.get_num_threads(), "quick": quick, "plan": name,
               "repeats": p.repeats, "warmup": p.warmup, "torch": torch.__version__, "load_avg_start": load_avg(),
-              "ratios": {}, "findings": {}, "sections": list(sections)}
+              "ratios": {}, "sections": list(sections)}
     report["peak_bf16_flops"] = peak = peak_bf16_flops(report["device"]) if dev.type == "cuda" else None
-    with tempfile.TemporaryDirectory(dir=work_dir) as work, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, once per model
         bench = Bench(dev, precision, p.repeats, p.warmup, Path(work))
         report["precision"] = bench.precision_label
@@ -113,45 +110,27 @@ def run_bench(quick: bool = False, device: str = "cpu", precision: str = "auto",
             "qformer": lambda: section_qformer(bench, p, report),
             "stage1": lambda: stages.section_stage1(bench, p, report, batch_search),
             "stage2": lambda: stages.section_stage2(bench, p, report, peak, batch_search),
-            "generation": lambda: section_generation(bench, p, report),
-            "decode": lambda: section_decode(bench, p, report),
+            "generation": lambda: report["ratios"].update(section_generation(bench, p)),
         }
         for key in sections:
             t0 = time.perf_counter()
-            say(progress, f"bench: {key} ...")
+            print(f"bench: {key} ...", file=sys.stderr, flush=True)
             attempt(bench, f"section {key}", known[key])
-            say(progress, f"bench: {key} done in {time.perf_counter() - t0:.0f} s")
+            print(f"bench: {key} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
             if partial is not None:
-                partial(finish(report, bench, start, done=False))
-        finish(report, bench, start, done=True)
-    return report
+                partial({**finish(report, bench, start), "partial": True})
+        return finish(report, bench, start)
 
 
-def finish(report: dict, bench, start: float, done: bool) -> dict:
-    """Fill in the report's rows, notes, ratios and wall time (a copy when the run is not ``done``)."""
-    if not done:
-        report = {**report, "ratios": dict(report["ratios"]), "partial": True}
-    notes = list(bench.notes)
-    noisy = [f"{r['name']} ({r['shapes'].split(' ')[0]}, ±{100 * r['spread']:.0f}%)" for r in bench.rows
-             if r["spread"] > NOISY]
-    if noisy:
-        notes.append(f"rows whose timed rounds differ by more than {100 * NOISY:.0f}% of their median "
-                     f"(other jobs stalled this process; ratios built on them are unreliable): " + "; ".join(noisy))
-    report["rows"], report["notes"] = list(bench.rows), notes
-    for key in HEADLINE:
-        report["ratios"].setdefault(key, None)
-    report["ratio_intervals"] = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds,
-                                     "coverage": round(v.coverage, 3)}
-                                 for k, v in report["ratios"].items() if isinstance(v, Ratio)}
-    report["ratios"] = {k: (None if v is None else round(v, 3)) for k, v in report["ratios"].items()}
-    report["load_avg_end"] = load_avg()
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    return report
-
-
-def say(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
+def finish(report: dict, bench, start: float) -> dict:
+    """A copy of the report with the bench's rows and notes, the ratios rounded (the headline ones
+    None where not measured) with their intervals, and the wall time."""
+    ratios = {key: None for key in HEADLINE} | report["ratios"]
+    intervals = {k: {"low": round(v.low, 3), "high": round(v.high, 3), "rounds": v.rounds,
+                     "coverage": round(v.coverage, 3)} for k, v in ratios.items() if isinstance(v, Ratio)}
+    return {**report, "rows": list(bench.rows), "notes": list(bench.notes), "ratio_intervals": intervals,
+            "ratios": {k: (None if v is None else round(v, 3)) for k, v in ratios.items()},
+            "load_avg_end": load_avg(), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def attempt(bench, title: str, fn):
@@ -188,29 +167,12 @@ def section_qformer(bench, p: Plan, report: dict) -> None:
     names = {"ours": "ours (qvlm QFormer, SDPA)", "hf": "transformers Blip2QFormerModel, sdpa"}
     for key, timing in timings.items():
         row(bench, "Q-Former fwd+bwd (query path + image cross-attention)", names[key], label, p.qformer_batch,
-            f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key] / 1e6:.2f}M params compared")
+            f"Q={dims['queries']} N={tokens}", timing, note=f"{counts[key]} params compared")
     report["ratios"]["qformer_vs_hf_blip2"] = Ratio.of(timings["hf"], timings["ours"])
-    report["findings"]["qformer_params_ours_vs_hf"] = f"{counts['ours']} vs {counts['hf']}"
 
 
-def section_generation(bench, p: Plan, report: dict) -> None:
+def section_generation(bench, p: Plan) -> dict[str, Ratio]:
     from qvlm.bench.generation import bench_generation
 
     with bench.rounds(p.option_repeats):
-        vlm = bench.models.pop("stage2", None)  # the stage-2 section's model, when it ran
-        ratios = bench_generation(bench, SHAPES[p.shapes], p.gen_batch, p.gen_tokens, vlm=vlm)
-    report["ratios"]["kv_cache_generation"] = ratios["latency"]
-    report["ratios"]["kv_cache_generation_batched"] = ratios["batched"]
-
-
-def section_decode(bench, p: Plan, report: dict) -> None:
-    """Compiled decoding steps (static KV cache) against the eager KV cache. Not in the default
-    sections: compiling takes minutes on a CPU."""
-    from qvlm.bench.generation import bench_generation
-
-    with bench.rounds(p.option_repeats):
-        ratios = bench_generation(bench, SHAPES[p.shapes], p.gen_batch, p.gen_tokens, without_cache=False,
-                                  compiled=True)
-    report["ratios"]["compiled_decoding_generation"] = ratios["compiled_latency"]
-    report["ratios"]["compiled_decoding_generation_batched"] = ratios["compiled_batched"]
-    report["findings"]["generation_compile_seconds"] = ratios["compile_seconds"]
+        return bench_generation(bench, SHAPES[p.shapes], p.gen_batch, p.gen_tokens)

@@ -16,7 +16,6 @@ MFU = model FLOPs per step / step seconds / the card's peak dense bf16 FLOP/s (`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 from torch import nn
 
@@ -42,10 +41,6 @@ class MatmulGroup:
         return 2 * self.params * self.tokens * (1 + int(self.input_grad) + int(self.trained))
 
 
-def step_flops(groups: Iterable[MatmulGroup]) -> int:
-    return sum(g.flops for g in groups)
-
-
 def peak_bf16_flops(device_name: str) -> float | None:
     """The card's peak dense bf16 FLOP/s from ``PEAK_BF16`` (first name contained), else None."""
     for name, peak in PEAK_BF16:
@@ -60,16 +55,10 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak_flops: float | None
     return flops_per_step / seconds_per_step / peak_flops
 
 
-def matmul_params(*modules: nn.Module | None, skip: tuple[str, ...] = ()) -> int:
-    """Weights of the Linear and Conv layers in ``modules`` whose qualified name contains none of ``skip``."""
-    total = 0
-    for module in modules:
-        if module is None:
-            continue
-        for name, m in module.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(s in name for s in skip):
-                total += m.weight.numel()
-    return total
+def matmul_params(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Weights of the Linear and Conv layers in ``module`` whose qualified name contains none of ``skip``."""
+    return sum(m.weight.numel() for name, m in module.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d)) and not any(s in name for s in skip))
 
 
 def qformer_groups(qformer, images: int, image_tokens: int, trained: bool = True) -> list[MatmulGroup]:
@@ -87,15 +76,15 @@ def stage2_groups(model, batch: int, tokens: int, supervised: int, image_tokens:
     """Stage 2: the Q-Former's query path and the projector (trained unless frozen), the LLM over
     the batch's ``tokens`` real (not padding) positions (frozen base, trained LoRA, gradients flow
     through to the image tokens), the LM head only at the ``supervised`` positions (as
-    ``stage2_losses`` does). Padding positions are computed but are not model FLOPs."""
+    ``stage2_losses`` does). Padding positions are computed but are not model FLOPs. A step's model
+    FLOPs: the sum of the groups' ``flops``."""
     qf, base = model.qformer, model.llm.base_model()
     qf_trained = any(p.requires_grad for p in qf.parameters())
     head = base.get_output_embeddings()
-    groups = qformer_groups(qf, batch, image_tokens, trained=qf_trained) + [
+    return qformer_groups(qf, batch, image_tokens, trained=qf_trained) + [
         MatmulGroup("projector", matmul_params(model.projector), batch * qf.num_queries, True, qf_trained),
         MatmulGroup("LLM base (frozen)", matmul_params(base, skip=("lora_",)) - head.weight.numel(), tokens,
                     False, True),
         MatmulGroup("LoRA", matmul_params(base) - matmul_params(base, skip=("lora_",)), tokens, True, True),
         MatmulGroup("LM head (frozen)", head.weight.numel(), supervised, False, True),
     ]
-    return [g for g in groups if g.tokens and g.params]

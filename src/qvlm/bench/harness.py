@@ -32,7 +32,6 @@ class Bench:
     work: Path
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    models: dict = field(default_factory=dict)  # built models one section hands to a later one
 
     @property
     def bf16(self) -> bool:
@@ -180,17 +179,16 @@ def fixed_batch(trainer: Trainer, files: SceneFiles, batch_size: int) -> dict:
 # ---- rows ---------------------------------------------------------------------------------------
 
 def row(bench: Bench, group: str, name: str, shapes: str, batch: int, seq: str, timing: Timing,
-        flops: float | None = None, peak_flops: float | None = None, items: int | None = None,
-        item: str = "samples", note: str = "") -> dict:
-    """One table row: median ms, throughput (``items`` per call, default the batch), memory (when
-    tracked during the timed calls), FLOPs."""
+        flops: float | None = None, peak_flops: float | None = None, item: str = "samples", note: str = "") -> dict:
+    """One table row: median ms, throughput (``batch`` ``item``s per call), memory (when tracked
+    during the timed calls), FLOPs."""
     from qvlm.bench.flops import mfu
 
     seconds, mem = timing.median, timing.memory
     out = {"group": group, "name": name, "shapes": shapes, "batch": batch, "seq": seq,
            "precision": bench.precision_label, "ms": round(1000 * seconds, 1),
            "ms_runs": [round(1000 * s, 1) for s in timing.seconds], "spread": round(timing.spread, 2),
-           f"{item}_per_s": round((batch if items is None else items) / seconds, 3), "note": note}
+           f"{item}_per_s": round(batch / seconds, 3), "note": note}
     if mem is not None:
         out.update(peak_mem_mb=round(mem.peak_mb, 1), mem_growth_mb=round(mem.growth_mb, 1), mem_kind=mem.kind)
     if flops:

@@ -7,7 +7,8 @@
 - stage 2 (Q-Former query path -> projector -> LLM with LoRA, next-token loss on the assistant
   tokens) from precomputed features, with its model FLOPs and MFU (``flops``);
 - in the full run, both stages with gradient checkpointing off vs on (time and memory) and
-  ``train.compile`` off vs on (stage 2 on GPUs only: on CPU it compiles for minutes).
+  ``train.compile`` off vs on (stage 2 on GPUs only: on CPU it compiles for minutes), each a ratio
+  in the report's ``ratios`` (``checkpointing_stage1``, ``compile_stage2``, ...).
 """
 
 from __future__ import annotations
@@ -56,19 +57,18 @@ def cached_vs_pixels(bench: Bench, trainer: Trainer, files: SceneFiles, batch_si
     return Ratio.of(timings["pixels"], timings["cached"])
 
 
-def step_row(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None, note: str = "") -> dict:
-    """The stage-2 step's row with its model FLOPs (the LLM counted over its real tokens, not the
-    padding) and tokens/s."""
+def step_row(bench: Bench, trainer: Trainer, batch: dict, label: str, peak: float | None) -> None:
+    """The stage-2 step's row with its model FLOPs and MFU (the LLM counted over its real tokens, not
+    the padding) and tokens/s."""
     name = "from cached features"
     timing = bench.time({name: lambda: trainer.step(batch)})[name]
     tokens = int(batch["attention_mask"].sum())
     supervised = int((batch["labels"][:, 1:] != L.IGNORE_INDEX).sum())
-    flops = FL.step_flops(FL.stage2_groups(trainer.model, len(batch["input_ids"]), tokens, supervised,
-                                           batch["image_embeds"].shape[1]))
-    out = row(bench, group(trainer), name, label, len(batch["input_ids"]), seq_label(trainer, batch), timing, flops,
-              peak, note=note)
+    groups = FL.stage2_groups(trainer.model, len(batch["input_ids"]), tokens, supervised,
+                              batch["image_embeds"].shape[1])
+    out = row(bench, group(trainer), name, label, len(batch["input_ids"]), seq_label(trainer, batch), timing,
+              sum(g.flops for g in groups), peak)
     out["tokens_per_s"] = round(tokens / timing.median, 1)
-    return out
 
 
 def set_checkpointing(trainer: Trainer, on: bool) -> None:
@@ -79,8 +79,9 @@ def set_checkpointing(trainer: Trainer, on: bool) -> None:
         set_llm_checkpointing(trainer.model.llm, on)
 
 
-def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> str:
-    """Gradient checkpointing of the Q-Former (and the LLM) off vs on: time and peak memory."""
+def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> Ratio:
+    """Gradient checkpointing of the Q-Former (and the LLM) off vs on: time and peak memory; returns
+    the step time off / on (below 1: the time checkpointing costs)."""
     def run(on: bool):
         def go():
             set_checkpointing(trainer, on)
@@ -92,14 +93,12 @@ def checkpointing(bench: Bench, trainer: Trainer, batch: dict, label: str) -> st
     for k in ("off", "on"):
         row(bench, group(trainer), f"gradient checkpointing {k}", label, len(batch["input_ids"]),
             seq_label(trainer, batch), timings[k])
-    saved = timings["off"].memory.growth_mb - timings["on"].memory.growth_mb
-    return f"step time x{timings['on'].median / timings['off'].median:.2f}, memory growth {saved:.0f} MiB lower"
+    return Ratio.of(timings["off"], timings["on"])
 
 
-def compiled(bench: Bench, eager: Trainer, shapes: str, batch: dict, label: str) -> tuple[Ratio, float]:
+def compiled(bench: Bench, eager: Trainer, shapes: str, batch: dict, label: str) -> Ratio:
     """``train.compile`` off vs on: ``eager`` against a model of the same seed with every Q-Former and
-    LLM layer compiled; the first two steps (compiling) are timed apart. Returns the speed-up and
-    the compile seconds."""
+    LLM layer compiled; the first two steps (compiling) are timed apart. Returns the speed-up."""
     b = len(batch["input_ids"])
     fast = build_trainer(SHAPES[shapes], bench, stage=eager.cfg.train.stage, batch_size=b, compile=True)
     start = time.perf_counter()
@@ -112,7 +111,7 @@ def compiled(bench: Bench, eager: Trainer, shapes: str, batch: dict, label: str)
     row(bench, group(eager), "eager (train.compile=false)", label, b, seq, timings["eager"])
     row(bench, group(eager), "torch.compile of each layer (train.compile=true)", label, b, seq,
         timings["compiled"], note=f"first two steps (compiling) took {compile_s:.0f} s")
-    return Ratio.of(timings["eager"], timings["compiled"]), compile_s
+    return Ratio.of(timings["eager"], timings["compiled"])
 
 
 def find_batch(bench: Bench, trainer: Trainer, files: SceneFiles, start: int, largest: int) -> int:
@@ -140,16 +139,11 @@ def options(bench: Bench, p: Plan, trainer: Trainer, batch: dict, report: dict, 
     stage, label = trainer.cfg.train.stage, SHAPES[p.shapes].label
     with bench.rounds(p.option_repeats):
         if p.options:
-            found = attempt(bench, f"stage-{stage} gradient checkpointing",
-                            lambda: checkpointing(bench, trainer, batch, label))
-            if found:
-                report["findings"][f"stage{stage}_checkpointing"] = found
+            report["ratios"][f"checkpointing_stage{stage}"] = attempt(
+                bench, f"stage-{stage} gradient checkpointing", lambda: checkpointing(bench, trainer, batch, label))
         if with_compile:
-            comp = attempt(bench, f"stage-{stage} torch.compile", lambda: compiled(bench, trainer, p.shapes, batch,
-                                                                                   label))
-            if comp:
-                report["ratios"][f"compile_stage{stage}"] = comp[0]
-                report["findings"][f"stage{stage}_compile_seconds"] = round(comp[1], 1)
+            report["ratios"][f"compile_stage{stage}"] = attempt(
+                bench, f"stage-{stage} torch.compile", lambda: compiled(bench, trainer, p.shapes, batch, label))
 
 
 def section_stage1(bench: Bench, p: Plan, report: dict, batch_search: int) -> None:
@@ -162,22 +156,15 @@ def section_stage1(bench: Bench, p: Plan, report: dict, batch_search: int) -> No
     report["ratios"]["cached_vs_pixels_stage1"] = cached_vs_pixels(bench, trainer, files, batch, shapes.label)
     if p.options or p.compile:
         options(bench, p, trainer, fixed_batch(trainer, files, batch), report, p.compile)
-    else:
-        bench.notes.append("--quick: gradient checkpointing and torch.compile are measured by the full run only")
 
 
 def section_stage2(bench: Bench, p: Plan, report: dict, peak: float | None, batch_search: int) -> None:
     shapes = SHAPES[p.shapes]
     trainer = build_trainer(shapes, bench, stage=2, batch_size=p.stage2_batch)
     files = SceneFiles(bench.work, shapes.file_size, 8)
-    batch_size, note = p.stage2_batch, ""
+    batch_size = p.stage2_batch
     if batch_search:
         batch_size = find_batch(bench, trainer, files, batch_size, batch_search)
-        note = f"largest power-of-two batch that fits (tried up to {batch_search})"
     batch = fixed_batch(trainer, files, batch_size)
-    step = step_row(bench, trainer, batch, shapes.label, peak, note)
-    if step.get("mfu") is not None:
-        report["findings"]["stage2_mfu"] = step["mfu"]
+    step_row(bench, trainer, batch, shapes.label, peak)
     options(bench, p, trainer, batch, report, p.compile and bench.device.type == "cuda")
-    trainer.opt.zero_grad(set_to_none=True)
-    bench.models["stage2"] = trainer.model  # generation reuses it (weights only; the optimiser is gone)

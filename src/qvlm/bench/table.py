@@ -11,8 +11,8 @@ RATIO_MEANING = {
     "cached_vs_pixels_stage1": "stage-1 step: from image files / from cached features",
     "kv_cache_generation": "caption latency (1 image): no KV cache / KV cache",
     "kv_cache_generation_batched": "batched captions: no KV cache / KV cache",
-    "compiled_decoding_generation": "caption latency (1 image): KV cache / KV cache with compiled decoding steps",
-    "compiled_decoding_generation_batched": "batched captions: KV cache / KV cache with compiled decoding steps",
+    "checkpointing_stage1": "stage-1 step: gradient checkpointing off / on (its memory: the rows)",
+    "checkpointing_stage2": "stage-2 step: gradient checkpointing off / on (its memory: the rows)",
     "compile_stage1": "stage-1 step: eager / torch.compile'd layers",
     "compile_stage2": "stage-2 step: eager / torch.compile'd layers (GPUs only)",
 }
@@ -20,14 +20,6 @@ RATIO_MEANING = {
 
 def to_json(report: dict) -> str:
     return json.dumps(report, default=float)
-
-
-def fmt(value, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def throughput(r: dict) -> str:
@@ -47,8 +39,6 @@ def ratio_interval(r: dict | None) -> str:
     """"0.97-1.10 (94%, n=5)": the ratio's confidence interval from its rounds (``timing.Ratio``)."""
     if r is None:
         return ""
-    if r["rounds"] < 2:
-        return "(1 round)"
     return f"{r['low']:.2f}-{r['high']:.2f} ({100 * r['coverage']:.0f}%, n={r['rounds']})"
 
 
@@ -70,16 +60,15 @@ def table(report: dict) -> str:
             f"{report['load_avg_start']} at start, {report['load_avg_end']} at end")
     mem_kind = next((r["mem_kind"] for r in report["rows"] if "mem_kind" in r), "-")
     lines = [head, f"memory: MiB, {mem_kind} (+ growth during the measured call)", ""]
-    columns = ("name", "shapes", "B", "seq", "precision", "ms", "±", "throughput", "memory", "TFLOP/s", "MFU", "note")
+    columns = ("name", "shapes", "B", "seq", "ms", "±", "throughput", "memory", "TFLOP/s", "MFU", "note")
     groups: dict[str, list[dict]] = {}
     for r in report["rows"]:
         groups.setdefault(r["group"], []).append(r)
     for group, rows in groups.items():
-        cells = [columns] + [(r["name"], r["shapes"], str(r["batch"]), r["seq"], r["precision"], fmt(r["ms"]),
+        cells = [columns] + [(r["name"], r["shapes"], str(r["batch"]), r["seq"], f"{r['ms']:.1f}",
                               f"{100 * r['spread']:.0f}%", throughput(r), memory(r),
-                              fmt(r.get("achieved_tflop_s"), 3),
-                              "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%", r.get("note", ""))
-                             for r in rows]
+                              str(r.get("achieved_tflop_s", "-")), f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-",
+                              r.get("note", "")) for r in rows]
         widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
         lines.append(f"== {group} ==")
         for c in cells:
@@ -96,8 +85,6 @@ def table(report: dict) -> str:
         verdict = "" if goal is None else f"  goal >= {goal}: {goal_verdict(value, goal, intervals.get(key))}"
         lines.append(f"  {key:<34} {value:6.2f}  {ratio_interval(intervals.get(key)):<20} "
                      f"({RATIO_MEANING.get(key, '')}){verdict}")
-    for key, value in report.get("findings", {}).items():
-        lines.append(f"  {key:<34} {value}")
     if report["notes"]:
         lines.append("notes:")
         lines += [f"  - {n}" for n in report["notes"]]

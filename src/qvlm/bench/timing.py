@@ -2,8 +2,8 @@
 
 ``time_interleaved`` runs each variant once per round (after untimed warm-up rounds), so noise from
 other jobs on a shared machine hits every variant alike, and reverses the order every other round,
-so no variant always runs first or after the same neighbour (on the H100, the first variant of a
-round was often the slowest); a variant's time is the median of its rounds. ``Ratio.of`` compares
+so no variant always runs first or after the same neighbour (the first variant of a round can run
+slowest); a variant's time is the median of its rounds. ``Ratio.of`` compares
 two variants: the ratio of their medians, with a confidence interval from the rounds paired. With
 ``track_memory`` every variant is then called once more, untimed, inside ``PeakMemory``: on CUDA
 ``torch.cuda.max_memory_allocated`` (tensors only), on CPU the process's resident set size sampled
@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-Clock = Callable[[], float]
 
 
 @dataclass
@@ -97,7 +95,7 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def time_interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                     clock: Clock = time.perf_counter, sync: Callable[[], None] = lambda: None,
+                     clock: Callable[[], float] = time.perf_counter, sync: Callable[[], None] = lambda: None,
                      track_memory: torch.device | None = None) -> dict[str, Timing]:
     """Seconds per call of each variant: ``warmup`` untimed rounds, then ``repeats`` timed rounds,
     each round calling every variant once, in order, and in reverse order every other round; peak
@@ -149,8 +147,8 @@ class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.peak_mb`` (highest during the block) and
     ``m.growth_mb`` (peak minus the level at entry). ``m.kind`` names what was measured."""
 
-    def __init__(self, device: torch.device, interval_s: float = 0.002):
-        self.device, self.interval_s = device, interval_s
+    def __init__(self, device: torch.device):
+        self.device = device
         self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS (sampled every 2 ms)"
         self.start = self.peak = 0
         self._stop = threading.Event()
@@ -171,7 +169,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
-            self._stop.wait(self.interval_s)
+            self._stop.wait(0.002)
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Data for qvlm (DESIGN.md §3): one record format, many sources, robust decoding, collation.
+"""Data for qvlm (docs/data.md): one record format, many sources, robust decoding, collation.
 
 Modules: ``records`` (the record dict, skip markers, ``iter_records``), ``sources``
 (``open_dataset(spec, split)``: synth, JSONL/CSV, HF datasets, WebDataset shards), ``synth`` and

@@ -1,13 +1,12 @@
 """Stage-1 collation: records -> a batch of pixels (or cached features) and Q-Former text tokens.
 
-``Stage1Collator`` drops skip / shard markers (reporting them as ``batch["skipped"]`` and
-``batch["shards_done"]``), runs the vision tower's ``ImageProcessor`` (resize + normalise), and
-tokenises captions with dynamic padding to the longest caption in the batch, cut at
-``max_text_len`` tokens. With a feature cache it returns
-``image_embeds`` (B, N, Dv) looked up by ``image_id`` instead of ``pixel_values`` (B, 3, H, W); a
-record missing from the cache is skipped as ``not_in_cache``. ``itg_positions`` (2, S) are the rows
-and columns that predict a caption token, found here on the CPU so the training step need not ask
-the device. A batch may come out empty (every item skipped): ``len(batch["keys"]) == 0``.
+``Stage1Collator`` takes usable records (skip markers are counted before, by the training stream:
+``prepare`` is its per-record check), runs the vision tower's ``ImageProcessor`` (resize +
+normalise), and tokenises captions with dynamic padding to the longest caption in the batch, cut at
+``max_text_len`` tokens. With a feature cache it returns ``image_embeds`` (B, N, Dv) looked up by
+``image_id`` instead of ``pixel_values`` (B, 3, H, W); ``prepare`` skips a record missing from the
+cache as ``not_in_cache``. ``itg_positions`` (2, S) are the rows and columns that predict a caption
+token, found here on the CPU so the training step need not ask the device.
 
 Augmentation (``Augment``: random resized crop, optional horizontal flip) is off by default: on the
 synthetic scenes a flip swaps "left" and "right" and a crop can cut objects out, making captions
@@ -28,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from qvlm.data.cache import AUGMENT_AND_CACHE
+from qvlm.data.decode import SkipRecord
 from qvlm.losses import itg_positions
 
 
@@ -56,31 +56,10 @@ class Augment:
         return img
 
 
-def split_items(items: list[dict]) -> tuple[list[dict], dict[str, int], list[str], dict[str, int]]:
-    """(records, skipped by reason, shards finished, notes) from a list of records and markers."""
-    records, skipped, shards, notes = [], {}, [], {}
-    for item in items:
-        if "shard_done" in item:
-            shards.append(item["shard_done"])
-        elif "skip" in item:
-            skipped[item["skip"]] = skipped.get(item["skip"], 0) + 1
-        else:
-            records.append(item)
-            for name in item.get("notes", ()):
-                notes[name] = notes.get(name, 0) + 1
-    return records, skipped, shards, notes
-
-
-def usable_items(items: list[dict], features=None) -> tuple[list[dict], dict[str, int], list[str], dict[str, int]]:
-    """``split_items``, then (with a feature cache) records whose image is not cached are skipped
-    as ``not_in_cache``."""
-    records, skipped, shards, notes = split_items(items)
-    if features is not None:
-        kept = [r for r in records if r["image_id"] in features]
-        if len(kept) < len(records):
-            skipped["not_in_cache"] = skipped.get("not_in_cache", 0) + len(records) - len(kept)
-        records = kept
-    return records, skipped, shards, notes
+def check_cached(record: dict, features) -> dict:
+    if features is not None and record["image_id"] not in features:
+        raise SkipRecord("not_in_cache", record.get("key", ""))
+    return record
 
 
 class Stage1Collator:
@@ -98,11 +77,13 @@ class Stage1Collator:
         self.processor, self.tokenizer, self.max_text_len = processor, tokenizer, max_text_len
         self.augment, self.features, self.feature_dtype = augment, features, feature_dtype
 
-    def __call__(self, items: list[dict]) -> dict:
-        records, skipped, shards, notes = usable_items(items, self.features)
+    def prepare(self, record: dict) -> dict:
+        """The record if it can go into a batch, else ``SkipRecord`` (the training stream's check)."""
+        return check_cached(record, self.features)
+
+    def __call__(self, records: list[dict]) -> dict:
         batch = {"keys": [r["key"] for r in records], "captions": [r["caption"] for r in records],
-                 "attributes": [r.get("attributes") for r in records],
-                 "skipped": skipped, "shards_done": shards, "notes": notes}
+                 "attributes": [r.get("attributes") for r in records]}
         batch.update(self.tokenize(batch["captions"]))
         if self.features is not None:
             batch["image_embeds"] = self.features.get([r["image_id"] for r in records], self.feature_dtype)

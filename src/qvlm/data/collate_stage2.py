@@ -1,10 +1,9 @@
 """Stage-2 collation: records -> chat-formatted LLM inputs with image slots and assistant-only labels.
 
-``Stage2Collator`` handles skip / shard markers like the stage-1 collator (``split_items``: reported
-as ``batch["skipped"]``, ``batch["shards_done"]``, ``batch["notes"]``), gives pixels through the
-vision tower's ``ImageProcessor`` or, with a feature cache, ``image_embeds`` looked up by
-``image_id`` (records missing from the cache are skipped as ``not_in_cache``), and builds each
-sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
+``Stage2Collator`` takes usable records like the stage-1 collator (``prepare`` is the training
+stream's per-record check: a record whose prompt cannot be built, or missing from the feature
+cache, is a skip), gives pixels through the vision tower's ``ImageProcessor`` or, with a feature
+cache, ``image_embeds`` looked up by ``image_id``, and builds each sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
 pair of the record), ``num_queries`` image slots inside the user turn, the target, and labels only
 on the target + end-of-turn tokens. Rows are right-padded to the longest (pad id, -100, False).
 
@@ -21,14 +20,15 @@ import random
 import torch
 
 from qvlm.config import LLMConfig
-from qvlm.data.collate import usable_items
-from qvlm.prompt import IGNORE, Example, Turn, build_example, check_batch, check_labels, pick_turn
+from qvlm.data.collate import check_cached
+from qvlm.data.decode import SkipRecord
+from qvlm.prompt import IGNORE, Example, PromptError, Turn, build_example, check_batch, check_labels, pick_turn
 
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
     "padding_side", "image_positions", "label_positions", "keys", "captions", "targets",
-    "prompts", "attributes", "skipped", "shards_done", "notes"}."""
+    "prompts", "attributes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,
@@ -43,14 +43,23 @@ class Stage2Collator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
 
-    def __call__(self, items: list[dict]) -> dict:
-        records, skipped, shards, notes = usable_items(items, self.features)
-        turns = [self.turn(r) for r in records]
-        examples = [self.example(t) for t in turns]
+    def prepare(self, record: dict) -> dict:
+        """The record with its turn and example built, or ``SkipRecord``: a record whose prompt cannot
+        be built (two image placeholders, a template that rejects the turns, a target cut away by
+        the length limit) is skipped as ``bad_prompt``, not fatal."""
+        check_cached(record, self.features)
+        try:
+            turn = self.turn(record)
+            return {**record, "_turn": turn, "_example": self.example(turn)}
+        except PromptError as exc:
+            raise SkipRecord("bad_prompt", f"{record.get('key', '')}: {exc}") from exc
+
+    def __call__(self, records: list[dict]) -> dict:
+        turns = [r["_turn"] if "_turn" in r else self.turn(r) for r in records]
+        examples = [r["_example"] if "_example" in r else self.example(t) for r, t in zip(records, turns)]
         batch = {"keys": [r["key"] for r in records], "captions": [r.get("caption") for r in records],
                  "targets": [t.target for t in turns], "prompts": [t.user for t in turns],
-                 "attributes": [r.get("attributes") for r in records],
-                 "skipped": skipped, "shards_done": shards, "notes": notes}
+                 "attributes": [r.get("attributes") for r in records]}
         batch.update(pad_examples(examples, self.pad_id))
         batch["padding_side"] = "right"  # pad_examples: every row's padding after its last token
         batch.update(positions(batch["image_mask"], batch["labels"]))

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from qvlm.model_sources import UnreadableFile
+
 DEFAULT_MAX_PIXELS = 64_000_000  # matches DataConfig.max_image_pixels
 DEFAULT_MAX_CHARS = 2048  # caption character budget (tokens are cut later, in the collator)
 ROLES = ("system", "user", "assistant")
@@ -65,14 +67,6 @@ class SkipCounter:
 
     def note(self, name: str, n: int = 1) -> None:
         self.notes[name] = self.notes.get(name, 0) + n
-
-    def update(self, batch: dict) -> None:
-        """Count a collated batch: its used records and its ``skipped`` / ``notes`` dicts."""
-        self.use(len(batch.get("keys", ())))
-        for reason, n in batch.get("skipped", {}).items():
-            self.skip(reason, n)
-        for name, n in batch.get("notes", {}).items():
-            self.note(name, n)
 
     def to_dict(self) -> dict:
         return {"records": self.records, "used": self.used, "skipped": dict(sorted(self.skipped.items())),
@@ -139,6 +133,27 @@ def decode_image(source: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXEL
     if min(rgb.size) < min_side:
         raise SkipRecord("too_small", f"{rgb.size[0]}x{rgb.size[1]} < {min_side}")
     return rgb
+
+
+SKIP_WORDS = {  # the image skip reasons, as a person should read them
+    "missing_file": "the file does not exist or cannot be read",
+    "empty_file": "the image is empty",
+    "not_an_image": "the data is not an image PIL can read",
+    "truncated": "the image is truncated",
+    "corrupt": "the image is corrupt",
+    "too_many_pixels": "the image has too many pixels",
+    "too_small": "the image is too small",
+}
+
+
+def read_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An input image named by the user (``qvlm caption``, ``chat``): ``decode_image``, or
+    ``UnreadableFile`` naming the file and saying in words what is wrong."""
+    try:
+        return decode_image(Path(path), max_pixels=max_pixels)
+    except SkipRecord as exc:
+        detail = f" ({exc.detail})" if exc.reason == "too_many_pixels" and exc.detail else ""
+        raise UnreadableFile(f"{path}: {SKIP_WORDS.get(exc.reason, exc.reason)}{detail}") from exc
 
 
 def classify(exc: Exception, default: str) -> str:

@@ -13,9 +13,8 @@ A record is a plain dict::
 A bad record is not raised but *returned* as a skip marker ``{"key": k, "skip": reason}`` (plus
 ``image_id`` when the bytes were read but did not decode), and a streamed shard ends with
 ``{"key": k, "shard_done": path}``. Markers pass through DataLoader workers
-like records, so skip counts and resume positions reach the main process; the collator drops them
-and reports them per batch (``batch["skipped"]``, ``batch["shards_done"]``). ``iter_records`` does
-the same for plain iteration.
+like records, so skip counts and resume positions reach the main process, where the training stream
+(``qvlm.train.batches``) counts them one by one; ``iter_records`` does the same for plain iteration.
 """
 
 from __future__ import annotations
@@ -82,10 +81,6 @@ def pixels_id(img: Image.Image) -> str:
 
 def skip_marker(key: str, reason: str) -> dict:
     return {"key": key, "skip": reason}
-
-
-def is_marker(item: dict) -> bool:
-    return "skip" in item or "shard_done" in item
 
 
 def make_record(key: str, image: bytes | str | Path | Image.Image | None, caption: object = None,

@@ -10,8 +10,8 @@ Splitting: shard ``i`` of the epoch's order goes to rank ``i % world_size``, the
 DataLoader worker ``j % num_workers`` (j its index among the rank's shards). Every shard therefore
 has exactly one reader, so every record is read exactly once per epoch; use at least
 ``world_size * num_workers`` shards or some readers get none. The order is the sorted list, or a
-shuffle seeded by (seed, epoch). Each shard ends with a ``shard_done`` marker; the training loop
-hands the collated ``batch["shards_done"]`` to ``mark_done`` and saves ``state_dict()``; after
+shuffle seeded by (seed, epoch). Each shard ends with a ``shard_done`` marker; the training stream
+hands each marker's shard to ``mark_done`` and saves ``state_dict()``; after
 ``load_state_dict`` the epoch resumes without the finished shards (shard granularity: records of a
 half-read shard are read again). ``set_epoch`` takes effect when workers are (re)started, i.e. with
 ``persistent_workers=False``.

@@ -90,13 +90,15 @@ def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume
     log(f"2/5 stage 1: Q-Former with {' + '.join(k.upper() for k, w in cfg1.train.losses.items() if w > 0)}")
     stage1 = finished_eval(out / "stage1") if resume else None
     if stage1 is None:
-        stage1 = train(cfg1, out / "stage1", resume=resume, eval_fn=evaluate_retrieval, progress=progress)["eval"]
+        stage1 = train(cfg1, out / "stage1", resume=resume, eval_fn=evaluate_retrieval, progress=progress,
+                       overwrite=not resume)["eval"]
     stage1 = {**stage1, **qformer_captions(out / "stage1" / "model", cfg1, plan["n_eval"], progress)}
     log("3/5 stage 2: projector + LoRA on the LLM")
     cfg2 = stage_config(out, plan, 2, common, [f"train.init_from={out / 'stage1' / 'model'}"])
     model = None  # the trained model stays in memory for the evaluation (no second GGUF load)
     if not (resume and (out / "stage2" / "model" / "config.yaml").is_file()):
-        model = train(cfg2, out / "stage2", resume=resume, progress=progress, return_model=True)["model"]
+        model = train(cfg2, out / "stage2", resume=resume, progress=progress, return_model=True,
+                      overwrite=not resume)["model"]
     log("4/5 evaluating captions, held-out composition and retention")
     results = evaluate(out, cfg2, plan["n_eval"], progress, model)
     metrics = summary(vision, stage1, results, time.perf_counter() - start)

@@ -9,7 +9,7 @@ data pipeline and the feature cache share one definition of "the pixels this tow
 With ``grey_view`` the tower also encodes a grey copy of each image (ITU-R BT.601 luminance in all
 three channels), and each feature token carries both views of its patch, colour first: (B, N, 2Dv).
 A tower pretrained to read shapes from grey images (``qvlm pretrain-vision --grey-view``) then gives
-the Q-Former shape evidence that colour cannot bias (benchmarks/RESULTS.md, held-out pairs).
+the Q-Former shape evidence that colour cannot bias (for colour-shape pairs it never trained on).
 """
 
 from __future__ import annotations

@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from qvlm.config import Config, load_config, save_config
+from qvlm.config import Config, ConfigError, load_config, save_config
 from qvlm.models.llm import LanguageModel
 from qvlm.models.projector import Projector
 from qvlm.models.qformer import QFormer
 from qvlm.models.saved import bundle_sources, localize_sources
 from qvlm.models.stage1 import Stage1Heads
 from qvlm.models.vision import VisionEncoder
+from qvlm.model_sources import UnreadableFile, read_safetensors
 
 BLOCK_FILES = ("qformer", "heads", "projector", "lora")  # one safetensors file each in a saved model
 
@@ -222,12 +223,20 @@ class VLM(nn.Module):
         """Rebuild from ``config.yaml`` (base models from their sources) and load the saved blocks."""
         path = Path(path)
         if not (path / "config.yaml").is_file():
-            raise FileNotFoundError(f"{path} is not a saved qvlm model (no config.yaml)")
-        cfg = localize_sources(load_config(path / "config.yaml"), path)
+            raise UnreadableFile(f"{path / 'config.yaml'}: missing ({path} is not a saved qvlm model folder)")
+        try:
+            cfg = localize_sources(load_config(path / "config.yaml"), path)
+        except ConfigError as exc:  # a saved config that does not parse: a damaged folder
+            raise UnreadableFile(f"{path / 'config.yaml'}: {exc}") from exc
         has_llm = (path / "projector.safetensors").is_file()
         model = cls.from_config(cfg, with_llm=has_llm if with_llm is None else with_llm)
+        saved = ("qformer", "heads", "projector", "lora") if has_llm and cfg.model.llm.use_lora else (
+            ("qformer", "heads", "projector") if has_llm else ("qformer", "heads"))
         blocks = BLOCK_FILES if model.llm is not None else ("qformer", "heads")
-        model.load_trainable_state(read_blocks(path, blocks), strict=False)
+        must = tuple(b for b in blocks if b in saved)  # what the folder must hold: no silent random block
+        state = read_blocks(path, must, required=True)
+        state.update(read_blocks(path, tuple(b for b in blocks if b not in must)))
+        model.load_trainable_state(state, strict=False)
         return model
 
 
@@ -238,7 +247,7 @@ def read_blocks(path: Path, blocks: tuple[str, ...], required: bool = False) -> 
     for block in blocks:
         file = path / f"{block}.safetensors"
         if file.is_file():
-            state.update(load_file(file))
+            state.update(read_safetensors(file))
         elif required:
-            raise FileNotFoundError(f"{path}: no {file.name} (expected a saved qvlm model folder)")
+            raise UnreadableFile(f"{file}: missing (expected in a saved qvlm model folder)")
     return state

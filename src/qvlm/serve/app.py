@@ -19,11 +19,10 @@ import hmac
 import json
 import socket
 import sys
-import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from importlib import resources
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -349,23 +348,3 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: st
     if announce is not None:
         announce(url)
     make_server(app, log_level).run(sockets=[sock])
-
-
-@contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
-    """Run ``app`` on a background thread for the ``with`` block; yields its base URL."""
-    sock = bind(host, port)
-    server = make_server(app)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="qvlm-serve")
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not server.started:
-            raise RuntimeError("the server did not start")
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout)
-        sock.close()

@@ -17,18 +17,10 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from qvlm.data.decode import SkipRecord, decode_image
+from qvlm.data.decode import SKIP_WORDS, SkipRecord, decode_image
 from qvlm.serve.schemas import APIError, Limits, bad
 
 FETCH_TIMEOUT_S = 10.0
-REASONS = {  # the decoder's skip reasons, as a client should read them
-    "empty_file": "the image is empty",
-    "not_an_image": "the data is not an image PIL can read",
-    "truncated": "the image is truncated",
-    "corrupt": "the image is corrupt",
-    "too_many_pixels": "the image has too many pixels",
-    "too_small": "the image is too small",
-}
 
 
 def image_bytes_from_url(url: str, limits: Limits) -> bytes:
@@ -113,7 +105,7 @@ def load_image(url: str, limits: Limits) -> Image.Image:
     try:
         return decode_image(data, max_pixels=limits.max_image_pixels)  # bytes only: never a path
     except SkipRecord as exc:
-        reason = REASONS.get(exc.reason, exc.reason)
+        reason = SKIP_WORDS.get(exc.reason, exc.reason)
         if exc.reason == "too_many_pixels":
             reason += f" (limit {limits.max_image_pixels} = width x height)"
         raise bad(f"the image could not be used: {reason}", param="image_url", code=f"image_{exc.reason}") from exc

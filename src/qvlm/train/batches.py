@@ -1,21 +1,26 @@
-"""Batches for the training loop, with an exact, resumable data position.
+"""Batches for the training loop, each filled to its size after skips, with an exact data position.
 
-Map-style sources are read in a per-epoch permutation fixed by (seed, epoch); the position is
-(epoch, samples consumed), counted on the main process as batches are *consumed* (not as workers
-prefetch them), so a resume skips exactly what was trained on. Streamed shards resume at shard
-granularity through the dataset's own ``state_dict``. Skipped records are counted throughout.
+The DataLoader reads raw items (decoded records and skip / shard markers; decoding runs in its
+workers); ``BatchStream`` takes them one by one, counts every skip by reason, asks the collator to
+``prepare`` each record (a prompt that cannot be built, a record missing from the feature cache:
+skips too) and collates exactly ``batch_size`` usable records, so a run of bad records never leaves
+a batch short (ITC and ITM need at least two pairs). Map-style sources are read in a per-epoch
+permutation fixed by (seed, epoch); the position is the number of items this rank has taken since
+the pass began, skips included, so a resume continues with the next unread item. Streamed shards
+resume at shard granularity through the dataset's own ``state_dict``.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import deque
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from qvlm.config import Config
-from qvlm.data.decode import SkipCounter
+from qvlm.data.decode import SkipCounter, SkipRecord
 from qvlm.data.sources import open_data
 from qvlm.prompt import decoder_start_id
 from qvlm import distributed as D
@@ -24,7 +29,7 @@ from qvlm import distributed as D
 STAGE2_PROMPT_BUDGET = 96  # tokens for the system and user turns around the image slots
 
 
-class EpochSampler(Sampler[int]):
+class EpochOrder:
     """A permutation of ``range(n)`` fixed by (seed, epoch), read from the global position ``start``
     on and dealt to ranks in blocks: global batch k is positions [k*B*W, (k+1)*B*W) and rank r
     takes its r-th block of B. W ranks x batch B thus see the same samples as one process with
@@ -44,7 +49,7 @@ class EpochSampler(Sampler[int]):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=gen).tolist()
 
-    def order(self) -> list[int]:
+    def indices(self) -> list[int]:
         perm = self.permutation()
         rest = perm[self.start :]
         if self.world_size == 1:
@@ -59,19 +64,19 @@ class EpochSampler(Sampler[int]):
             mine += tail[self.rank * per : (self.rank + 1) * per]
         return mine
 
-    def advance(self, position: int) -> int:
-        """The global position after one more batch of every rank (capped at the epoch's end)."""
-        return min(position + self.batch_size * self.world_size, self.n)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order())
+class EmptyEpoch(RuntimeError):
+    """One whole pass over the data gave fewer usable records than one batch."""
 
-    def __len__(self) -> int:
-        return len(self.order())
+
+def keep_items(items: list[dict]) -> list[dict]:
+    """The DataLoader's ``collate_fn``: the raw items, collated later by ``BatchStream``."""
+    return items
 
 
 class BatchStream:
-    """An endless iterator of collated batches with ``state_dict``/``load_state_dict``."""
+    """An endless iterator of collated batches of ``batch_size`` usable records, with
+    ``state_dict``/``load_state_dict``."""
 
     def __init__(self, dataset, collate: Callable, batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_workers: int = 0, dec_token_id: int | None = None, group_by_length: bool = False):
@@ -79,9 +84,9 @@ class BatchStream:
         self.num_workers, self.seed = num_workers, seed
         self.dec_token_id = dec_token_id
         self.streaming = isinstance(dataset, IterableDataset)
-        self.sampler = None if self.streaming else EpochSampler(
+        self.order = None if self.streaming else EpochOrder(
             len(dataset), seed, shuffle, rank=D.rank(), world_size=D.world_size(), batch_size=batch_size)
-        self.epoch, self.consumed, self.batches_done = 0, 0, 0
+        self.epoch, self.start, self.read = 0, 0, 0  # start: global position of the pass; read: items since
         self.grouped = None
         if group_by_length and not self.streaming:
             if not hasattr(dataset, "caption_lengths"):
@@ -91,64 +96,94 @@ class BatchStream:
             self.grouped = LengthGroupedSampler(dataset.caption_lengths(), batch_size, seed=seed,
                                                 rank=D.rank(), world_size=D.world_size())
         self.counter = SkipCounter()
+        self.details: dict[str, str] = {}  # the first detail of each skip reason, for error messages
         self.replay = None  # stage 2 text replay (qvlm.train.replay.ReplayBatches): batch["replay"]
+        self.pending: deque = deque()
         self._it: Iterator | None = None
-        if not self.streaming and len(self.sampler.order()) == 0:
+        self.full_pass, self.usable_in_pass = False, 0
+        if not self.streaming and len(self.order.indices()) == 0:
             raise ValueError("the training data source holds no records")
 
     def loader(self) -> DataLoader:
+        """A DataLoader of raw items from the current position: ``read`` items after ``start``."""
         # Its own generator: creating an iterator must not draw from the global RNG (dropout),
         # or a resumed run would see different dropout masks than an uninterrupted one.
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        pin = torch.cuda.is_available()  # page-locked batches: the non_blocking copies to the GPU overlap
+        common = {"collate_fn": keep_items, "num_workers": self.num_workers, "generator": gen}
+        self.full_pass = self.start == 0 and self.read == 0
         if self.streaming:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
-            return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                              num_workers=self.num_workers, generator=gen, pin_memory=pin)
-        if self.grouped is not None:  # length-grouped batches, resumed by whole batches
+            self.full_pass = self.full_pass and not getattr(self.dataset, "state_dict", lambda: {})().get(
+                "shards_done")
+            return DataLoader(self.dataset, batch_size=self.batch_size, **common)
+        if self.grouped is not None:  # length-grouped batches, the first one cut where the position is
             self.grouped.set_epoch(self.epoch)
-            return DataLoader(self.dataset, batch_sampler=self.grouped.batches()[self.batches_done:],
-                              collate_fn=self.collate, num_workers=self.num_workers, generator=gen, pin_memory=pin)
-        self.sampler.epoch, self.sampler.start = self.epoch, self.consumed
-        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                          collate_fn=self.collate, num_workers=self.num_workers, generator=gen,
-                          pin_memory=pin, persistent_workers=False)
+            return DataLoader(self.dataset, batch_sampler=drop_first(self.grouped.batches(), self.read), **common)
+        self.order.epoch, self.order.start = self.epoch, self.start
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.order.indices()[self.read:],
+                          **common)
 
-    def next_batch(self, device: torch.device) -> dict:
-        """The next non-empty batch, moved to ``device``; rolls over epochs."""
-        for _ in range(10_000):
+    def next_item(self) -> dict:
+        """This rank's next raw item (record, skip marker or shard marker); rolls over epochs."""
+        while not self.pending:
             if self._it is None:
                 self._it = iter(self.loader())
             try:
-                batch = next(self._it)
+                self.pending.extend(next(self._it))
             except StopIteration:
-                self._it = None
-                self.epoch, self.consumed, self.batches_done = self.epoch + 1, 0, 0
-                continue
-            self.account(batch)
-            if batch.get("input_ids") is not None and len(batch["input_ids"]) > 0:
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                if self.replay is not None:
-                    batch["replay"] = self.replay.next_batch(device)
-                return batch
-        raise RuntimeError(f"no usable records in the data source ({self.counter.summary()})")
+                self.end_pass()
+        self.read += 1
+        return self.pending.popleft()
 
-    def account(self, batch: dict) -> None:
-        self.counter.update(batch)
-        if self.sampler is not None and self.grouped is None:  # the global position, on every rank
-            self.consumed = self.sampler.advance(self.consumed)
-        else:
-            self.consumed += len(batch.get("keys", ())) + sum(batch.get("skipped", {}).values())
-        self.batches_done += 1
-        if self.streaming and hasattr(self.dataset, "mark_done"):
-            self.dataset.mark_done(batch.get("shards_done", ()))
+    def end_pass(self) -> None:
+        if self.full_pass and self.usable_in_pass < self.batch_size:
+            reasons = "; ".join(f"{k}: {v}" for k, v in self.details.items() if v)
+            raise EmptyEpoch(f"one pass over the training data gave {self.usable_in_pass} usable records, fewer "
+                             f"than one batch ({self.batch_size}): {self.counter.summary()}"
+                             + (f" (e.g. {reasons})" if reasons else ""))
+        self._it, self.pending = None, deque()
+        self.epoch, self.start, self.read, self.usable_in_pass = self.epoch + 1, 0, 0, 0
+
+    def usable(self, item: dict) -> dict | None:
+        """The record prepared for collation, or None after counting why it cannot be used."""
+        if "shard_done" in item:
+            if hasattr(self.dataset, "mark_done"):
+                self.dataset.mark_done([item["shard_done"]])
+            return None
+        if "skip" in item:
+            self.counter.skip(item["skip"])
+            return None
+        for name in item.get("notes", ()):  # e.g. caption_truncated: used, with a note
+            self.counter.note(name)
+        try:
+            return self.collate.prepare(item) if hasattr(self.collate, "prepare") else item
+        except SkipRecord as exc:
+            self.counter.skip(exc.reason)
+            self.details.setdefault(exc.reason, exc.detail)
+            return None
+
+    def next_batch(self, device: torch.device) -> dict:
+        """The next batch of ``batch_size`` usable records, moved to ``device``."""
+        records = []
+        while len(records) < self.batch_size:
+            record = self.usable(self.next_item())
+            if record is not None:
+                records.append(record)
+                self.usable_in_pass += 1
+        batch = self.collate(records)
+        self.counter.use(len(records))
+        pin = device.type == "cuda"  # page-locked: the copies to the GPU overlap
+        batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        if self.replay is not None:
+            batch["replay"] = self.replay.next_batch(device)
+        return batch
 
     def state_dict(self) -> dict:
-        """The data position. Collective when distributed (call it on every rank): skip counts are
-        summed over ranks and the shards finished by any rank are merged, so W ranks' position
-        resumes on any number of ranks."""
-        state = {"epoch": self.epoch, "consumed": self.consumed, "batches_done": self.batches_done,
+        """The data position. Collective when distributed (call it on every rank): each rank's
+        position, skip counts summed over ranks and the shards finished by any rank merged."""
+        state = {"epoch": self.epoch, "ranks": [{"epoch": self.epoch, "start": self.start, "read": self.read}],
                  "counts": self.counter.to_dict()}
         if self.streaming and hasattr(self.dataset, "state_dict"):
             state["dataset"] = self.dataset.state_dict()
@@ -159,18 +194,48 @@ class BatchStream:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-        self.batches_done = int(state.get("batches_done", 0))
+        self.epoch, self.start, self.read = position(state, D.world_size(), D.rank(),
+                                                     self.batch_size if self.grouped else 0)
         # the saved counts are the sum over ranks: one rank carries them on, or they would be summed again
         self.counter = SkipCounter(**state.get("counts", {})) if D.rank() == 0 else SkipCounter()
         if self.streaming and "dataset" in state and hasattr(self.dataset, "load_state_dict"):
             self.dataset.load_state_dict(state["dataset"])
         if self.replay is not None and "replay" in state:
             self.replay.load_state_dict(state["replay"])
-        self._it = None
+        self._it, self.pending = None, deque()
 
     def summary(self) -> str:
         return self.counter.summary()
+
+
+def position(state: dict, world_size: int, rank: int, grouped_batch: int = 0) -> tuple[int, int, int]:
+    """(epoch, start, read) of this rank from a saved data position. On the number of ranks that
+    saved it, each rank's own. On another number, the pass's start moved on by what every rank had
+    read: exact without skips (the global position of the last whole batch), close with them. A
+    position saved before per-rank positions existed: the global ``consumed``, or for length-grouped
+    batches (``grouped_batch`` = the batch size) the batches done."""
+    if "ranks" not in state:
+        if grouped_batch:
+            return int(state["epoch"]), 0, int(state.get("batches_done", 0)) * grouped_batch
+        return int(state["epoch"]), int(state["consumed"]), 0
+    ranks = state["ranks"]
+    if len(ranks) == world_size:
+        return int(ranks[rank]["epoch"]), int(ranks[rank]["start"]), int(ranks[rank]["read"])
+    epoch = min(int(r["epoch"]) for r in ranks)
+    behind = [r for r in ranks if int(r["epoch"]) == epoch]
+    return epoch, int(behind[0]["start"]) + min(int(r["read"]) for r in behind) * len(ranks), 0
+
+
+def drop_first(batches: list[list[int]], n: int) -> list[list[int]]:
+    """The batches of indices without their first ``n`` indices (the first kept batch may be cut)."""
+    out = []
+    for batch in batches:
+        if n >= len(batch):
+            n -= len(batch)
+            continue
+        out.append(batch[n:])
+        n = 0
+    return out
 
 
 def merge_rank_states(states: list[dict]) -> dict:
@@ -186,6 +251,7 @@ def merge_rank_states(states: list[dict]) -> dict:
             else:
                 counts[key] = counts.get(key, 0) + value
     merged["counts"] = counts
+    merged["ranks"] = [entry for state in states for entry in state["ranks"]]  # in rank order
     if "dataset" in merged and "shards_done" in merged["dataset"]:
         done = sorted({s for state in states for s in state.get("dataset", {}).get("shards_done", ())})
         merged["dataset"] = {**merged["dataset"], "shards_done": done}

@@ -5,11 +5,14 @@ tensors), ``optimizer.safetensors`` + the optimiser's JSON (param groups, scalar
 ``rng.safetensors`` (torch CPU/CUDA generator states), ``trainer.json`` (step, data position,
 Python/NumPy RNG, best metric) and ``config.yaml``. It is written under a temporary name and
 renamed into place, then ``latest`` is replaced atomically; a crash at any moment leaves the
-previous checkpoint intact and ``latest`` pointing at a complete one.
+previous checkpoint intact and ``latest`` pointing at a complete one. ``files.json`` records the size
+and SHA-256 of every other file, so a file cut short or changed later (a partial copy, a full disk)
+is found by ``checkpoint_problems`` and resuming falls back to the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -19,11 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qvlm.config import Config, dump_config
+from qvlm.model_sources import UnreadableFile, read_safetensors
 
-DONE = "trainer.json"  # written last: a folder without it is incomplete
+DONE = "trainer.json"  # the last state file written: a folder without it is incomplete
+MANIFEST = "files.json"  # size and SHA-256 of every other file, written after them
+STATE_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", DONE)
 
 
 def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
@@ -47,6 +53,7 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     state = {**trainer, "step": step, "python_rng": python_rng_state(), "numpy_rng": numpy_rng_state()}
     write_json(tmp / DONE, state)
+    write_json(tmp / MANIFEST, {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()})
     fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -56,15 +63,57 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     return final
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What is wrong with a checkpoint folder, one line per file, naming it: missing, cut short or
+    changed since it was written; [] = intact. A checkpoint from before ``files.json`` existed is
+    checked for its files' presence only."""
+    if not (path / DONE).is_file():
+        return [f"{path / DONE}: missing (the checkpoint was never finished)"]
+    if not (path / MANIFEST).is_file():
+        return [f"{path / name}: missing" for name in STATE_FILES if not (path / name).is_file()]
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"{path / MANIFEST}: not valid JSON ({exc})"]
+    problems = []
+    for name, want in manifest.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{file}: missing")
+        elif file.stat().st_size != want["size"]:
+            problems.append(f"{file}: {file.stat().st_size} bytes, {want['size']} when written (cut short or grown)")
+        elif file_record(file)["sha256"] != want["sha256"]:
+            problems.append(f"{file}: changed since it was written (SHA-256 differs)")
+    return problems
+
+
+def checkpoint_states(root: Path) -> list[tuple[Path, list[str]]]:
+    """Every checkpoint folder under ``root``, newest first, with its problems ([] = intact)."""
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir() and step_of(p) >= 0), key=step_of, reverse=True)
+    return [(p, checkpoint_problems(p)) for p in steps]
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint (``latest`` if valid, else the highest complete step)."""
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text(encoding="utf-8").strip()
-        if (candidate / DONE).is_file():
-            return candidate
-    steps = sorted((step_of(p), p) for p in root.glob("step-*") if (p / DONE).is_file())
-    return steps[-1][1] if steps else None
+    """The newest intact checkpoint under ``root``, or None."""
+    return next((path for path, problems in checkpoint_states(root) if not problems), None)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON state file, or ``UnreadableFile`` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UnreadableFile(f"{path}: missing") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
@@ -73,12 +122,12 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
     """Restore optimiser and RNG states (``rank``'s own global RNG when the checkpoint has it);
     return (model tensors, trainer state)."""
     if not (path / DONE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {DONE})")
-    model_state = load_file(path / "model.safetensors")
-    meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
-    optimizer.load_state_dict(unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta))
-    trainer = json.loads((path / DONE).read_text(encoding="utf-8"))
-    restore_rng(load_file(path / "rng.safetensors"), trainer, generators or {}, rank)
+        raise UnreadableFile(f"{path / DONE}: missing ({path} is not a complete checkpoint)")
+    model_state = read_safetensors(path / "model.safetensors")
+    meta = read_json(path / "optimizer.json")
+    optimizer.load_state_dict(unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), meta))
+    trainer = read_json(path / DONE)
+    restore_rng(read_safetensors(path / "rng.safetensors"), trainer, generators or {}, rank)
     return model_state, trainer
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from qvlm.config import Config, save_config
 from qvlm.models.vlm import VLM, read_blocks
+from qvlm.model_sources import UnreadableFile
 from qvlm.train import checkpoint as ckpt
 from qvlm import distributed as D
 from qvlm.train.batches import BatchStream, build_stream
@@ -41,6 +43,33 @@ from qvlm.train.steps import step_losses
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class RunExists(ValueError):
+    """``--out`` already holds a run and neither resuming nor overwriting it was asked for."""
+
+
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "tensorboard")  # what a run writes
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise RunExists("give --resume or --overwrite, not both")
+    if not resume and not overwrite and any((out / name).exists() for name in RUN_ENTRIES):
+        raise RunExists(f"{out} already holds a run: add --resume to continue it or --overwrite to start over")
+
+
+def start_run_folder(cfg: Config, out: Path, overwrite: bool) -> None:
+    """Rank 0 deletes what an earlier run wrote (``overwrite``) and writes the config; all wait."""
+    if D.rank() == 0:
+        for path in (out / name for name in RUN_ENTRIES if overwrite):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    D.barrier()
 
 
 @dataclass
@@ -94,8 +123,8 @@ def build_model(cfg: Config) -> VLM:
     if cfg.train.init_from:
         try:
             blocks = read_blocks(Path(cfg.train.init_from), ("qformer", "heads"), required=True)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"train.init_from: {exc}") from exc
+        except UnreadableFile as exc:
+            raise UnreadableFile(f"train.init_from: {exc}") from exc
         model.load_trainable_state(blocks, strict=False)
         log(f"initialised Q-Former and heads from {cfg.train.init_from}")
     elif cfg.train.stage == 2:
@@ -105,20 +134,20 @@ def build_model(cfg: Config) -> VLM:
 
 def train(cfg: Config, out: str | Path, resume: bool = False,
           eval_fn: Callable[[VLM, Config], dict] | None = None, progress: bool = True,
-          stop_at_step: int | None = None, return_model: bool = False) -> dict:
+          stop_at_step: int | None = None, return_model: bool = False, overwrite: bool = False) -> dict:
     """Run ``cfg.train.max_steps`` optimiser steps; returns the final metrics.
 
     ``stop_at_step`` ends the run early with a checkpoint (as if interrupted there), keeping the
     schedule of the full run; ``resume=True`` then continues it. ``return_model`` adds the trained
     model (the weights just saved to ``OUT/model``) as ``"model"``, so a caller that evaluates next
-    need not load the base models again."""
+    need not load the base models again. A folder that already holds a run is refused (``RunExists``)
+    unless ``resume`` continues it or ``overwrite`` deletes what it holds first."""
     out = Path(out)
+    check_run_folder(out, resume, overwrite)
     accelerator = D.setup(cfg.train.dist_timeout_s)
     device = accelerator.device
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    if D.rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    start_run_folder(cfg, out, overwrite)
     model = build_model(cfg).to(device)
     model.train()
     apply_speed_options(model, cfg.train)  # gradient checkpointing, torch.compile
@@ -230,8 +259,23 @@ def save(cfg, out, model: VLM, opt, stream: BatchStream, gen, state: RunState) -
     ckpt.prune_checkpoints(root, cfg.train.keep_last, keep)
 
 
+def intact_checkpoint(root: Path) -> Path | None:
+    """The newest intact checkpoint, after saying which are intact and warning, file by file, about
+    the damaged ones newer than it; ``UnreadableFile`` when there are checkpoints but none is intact."""
+    states = ckpt.checkpoint_states(root)
+    log("checkpoints: " + (", ".join(f"{p.name} {'damaged' if bad else 'intact'}" for p, bad in states) or "none"))
+    for path, problems in states:
+        if not problems:
+            return path
+        log(f"warning: {path.name} is damaged and is not used: {'; '.join(problems)}")
+    if states:
+        raise UnreadableFile(f"--resume: no intact checkpoint under {root} (`qvlm checkpoint verify {root}` "
+                             "lists the damaged files); start again with --overwrite")
+    return None
+
+
 def restore(cfg: Config, out: Path, model: VLM, opt, stream: BatchStream, gen) -> RunState:
-    path = ckpt.latest_checkpoint(out / "checkpoints")
+    path = intact_checkpoint(out / "checkpoints")
     if path is None:
         log(f"--resume: no checkpoint under {out / 'checkpoints'}, starting from step 0")
         return RunState()

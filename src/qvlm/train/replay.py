@@ -3,7 +3,7 @@ images so that the LoRA adapters leave plain chat as it was.
 
 Stage 2 trains the adapters on short, formulaic captions only; nothing in that data holds back
 what the adapters do to text-only chat (in the demo the adapted model shortened and rephrased its
-answers and lost facts the base knew, benchmarks/RESULTS.md). The usual remedy is to mix text-only
+answers and lost facts the base knew). The usual remedy is to mix text-only
 instruction data into the image data. None installs offline, so the targets are the base model's
 own greedy answers (adapters off) to everyday instructions: a packaged list
 (``replay_prompts.txt``, one per line) or a file of the user's own. The loss on them
