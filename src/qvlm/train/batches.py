@@ -154,14 +154,15 @@ class BatchStream:
         if "skip" in item:
             self.counter.skip(item["skip"])
             return None
-        for name in item.get("notes", ()):  # e.g. caption_truncated: used, with a note
-            self.counter.note(name)
         try:
-            return self.collate.prepare(item) if hasattr(self.collate, "prepare") else item
+            record = self.collate.prepare(item) if hasattr(self.collate, "prepare") else item
         except SkipRecord as exc:
             self.counter.skip(exc.reason)
             self.details.setdefault(exc.reason, exc.detail)
             return None
+        for name in record.get("notes", ()):  # e.g. caption_truncated: used, with a note
+            self.counter.note(name)
+        return record
 
     def next_batch(self, device: torch.device) -> dict:
         """The next batch of ``batch_size`` usable records, moved to ``device``."""
