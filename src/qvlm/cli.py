@@ -252,6 +252,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from qvlm.import_blip2 import import_blip2
+
+    try:
+        report = import_blip2(args.source, args.out, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.json:
+        print_json(report)
+    else:
+        print(f"imported {report['architecture']} into {report['out']} (stage {report['stage']}); fresh: "
+              + "; ".join(report["fresh"]))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from qvlm.data.decode import read_image_file
+    from qvlm.inference import score
+    from qvlm.models.vlm import VLM
+
+    images = [read_image_file(path) for path in args.images]
+    scores = score(VLM.from_pretrained(args.model, with_llm=False), images, args.texts, args.batch_size)
+    if args.json:
+        print_json({"itc": scores.itc.tolist(), "itm": scores.itm.tolist()})
+        return 0
+    print("image\ttext\titc\titm")
+    for i, path in enumerate(args.images):
+        for t, text in enumerate(args.texts):
+            print(f"{path}\t{text}\t{scores.itc[i, t]:.4f}\t{scores.itm[i, t]:.4f}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from qvlm.demo.runner import run_demo
 
@@ -458,6 +490,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-lora", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a qvlm model from another format's checkpoint")
+    isub = p.add_subparsers(dest="format", required=True)
+    i = isub.add_parser("blip2", help="a stage-1 model from a transformers BLIP-2 checkpoint (safetensors only)")
+    i.add_argument("source", help="hub id or local folder: Blip2ForImageTextRetrieval, Blip2Model or "
+                                   "Blip2ForConditionalGeneration")
+    i.add_argument("--out", required=True, help="the model folder to write")
+    i.add_argument("--overwrite", action="store_true", help="replace --out if it holds something")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("score", help="ITC similarity and ITM match probability of every image with every text")
+    p.add_argument("--model", required=True, help="a stage-1 model folder (trained or imported)")
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--texts", nargs="+", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help='print {"itc": [[...]], "itm": [[...]]}, rows images')
+    p.set_defaults(func=cmd_score)
 
     from qvlm.serve.schemas import Limits  # stdlib only: the limits' defaults live there
 

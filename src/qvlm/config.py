@@ -44,7 +44,9 @@ class VisionConfig:
     """The frozen image backbone (any HF vision tower: ViT, SigLIP/CLIP vision, DINOv2)."""
 
     source: str = "google/vit-base-patch16-224-in21k"
-    layer: str = "last"  # "last" or "penultimate" hidden state
+    # "last" or "penultimate" hidden state, or "last_unnormed": the last block's output before the
+    # tower's final LayerNorm, whose place the Q-Former's image LayerNorm takes (BLIP-2, LAVIS)
+    layer: str = "last"
     drop_cls: bool = False  # drop the leading [CLS] token from the sequence
     grey_view: bool = False  # also encode a grey copy of each image: a token holds both views (width 2x)
 
@@ -64,6 +66,9 @@ class QFormerConfig:
     # initializer_range = 0.02), which starts every query on a near-uniform average of the image
     # tokens; g > 0 = normal with std g / sqrt(fan_in), attention logits of order g**2 at the start.
     cross_attention_qk_gain: float = 0.0
+    # False: the Q-Former has no trained text side (imported from a BLIP-2 checkpoint without one,
+    # e.g. Blip2ForConditionalGeneration): stage 2 only; scoring, retrieval and stage 1 refuse it.
+    has_text: bool = True
 
 
 @dataclass
@@ -312,7 +317,8 @@ def coerce_scalar(tp: Any, value: Any, key: str) -> Any:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each names its key."""
     checks = [
-        (cfg.model.vision.layer in ("last", "penultimate"), "model.vision.layer", "last or penultimate"),
+        (cfg.model.vision.layer in ("last", "penultimate", "last_unnormed"), "model.vision.layer",
+         "last, penultimate or last_unnormed"),
         (cfg.model.qformer.num_queries >= 1, "model.qformer.num_queries", ">= 1"),
         (cfg.model.qformer.cross_attention_every >= 1, "model.qformer.cross_attention_every", ">= 1"),
         (cfg.model.qformer.max_text_len >= 2, "model.qformer.max_text_len", ">= 2"),

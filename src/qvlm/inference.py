@@ -4,11 +4,13 @@ frozen image features, then KV-cached generation (``qvlm.models.generate``).
     model = VLM.from_pretrained("run/model").eval()
     caption(model, [image])              # ["a red circle on the left ..."]
     chat(model, image, "How many shapes?")
+    score(model, [image], ["a red circle"])  # ITC similarity and ITM match probability (stage 1)
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -16,7 +18,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from qvlm.models.generate import GenerationConfig, GenerationOutput, StepCallback, generate_from_images, pad_left
-from qvlm.prompt import build_example, end_of_turn_ids
+from qvlm.models.stage1 import itm_match_prob
+from qvlm.model_sources import load_tokenizer
+from qvlm.prompt import build_example, decoder_start_id, end_of_turn_ids
 
 
 def default_prompts(vlm) -> tuple[str | None, str]:
@@ -89,11 +93,9 @@ def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationCon
 def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy captions from the stage-1 Q-Former itself (queries -> [DEC] -> ITG head), no LLM:
     shows what the queries carry before stage 2 (``qvlm eval caption`` on a stage-1 model)."""
-    from qvlm.model_sources import load_tokenizer
-    from qvlm.prompt import decoder_start_id
-
+    vlm.require_text("Q-Former captioning")
     q = vlm.config.model.qformer
-    tok = load_tokenizer(q.tokenizer or q.source, vlm.config.model.trust_remote_code)
+    tok = qformer_tokenizer(vlm)
     dec, sep = decoder_start_id(tok), tok.sep_token_id
     device = next(vlm.qformer.parameters()).device
     texts: list[str] = []
@@ -129,3 +131,43 @@ def describe_images(vlm, images: list[Image.Image], batch_size: int = 16, max_ne
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def qformer_tokenizer(vlm):
+    q = vlm.config.model.qformer
+    return load_tokenizer(q.tokenizer or q.source, vlm.config.model.trust_remote_code)
+
+
+@dataclass
+class Scores:
+    itc: Tensor  # (I, T) ITC similarity: the cosine of the best-matching query, before the temperature
+    itm: Tensor  # (I, T) ITM match probability
+    image_embeds: Tensor  # (I, Q, E) normalised, one per query
+    text_embeds: Tensor  # (T, E) normalised ([CLS])
+
+
+@torch.no_grad()
+def score(vlm, images: list[Image.Image], texts: list[str], batch_size: int = 32) -> Scores:
+    """Every image against every text with a stage-1 model (trained or imported): rows are images."""
+    vlm.require_text("scoring")
+    if not images or not texts:
+        raise ValueError("score needs at least one image and one text")
+    was_training = vlm.training
+    vlm.eval()
+    try:
+        device = next(vlm.qformer.parameters()).device
+        feats = torch.cat([vlm.image_features(vlm.vision.processor(images[i:i + batch_size]).to(device))
+                           for i in range(0, len(images), batch_size)])  # (I, N, Dv)
+        enc = qformer_tokenizer(vlm)(texts, padding="longest", truncation=True, return_tensors="pt",
+                                     max_length=vlm.config.model.qformer.max_text_len).to(device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]  # (T, L)
+        image_embeds = vlm.heads.image_feats(vlm.qformer(image_embeds=feats).query)  # (I, Q, E)
+        text_embeds = vlm.heads.text_feat(vlm.qformer(input_ids=ids, attention_mask=mask).text)  # (T, E)
+        itc = torch.einsum("iqe,te->itq", image_embeds, text_embeds).amax(dim=-1)  # (I, T)
+        pairs = torch.cartesian_prod(torch.arange(len(images)), torch.arange(len(texts))).to(device)  # (I*T, 2)
+        itm = torch.cat([itm_match_prob(vlm.qformer, vlm.heads, feats[p[:, 0]], ids[p[:, 1]], mask[p[:, 1]])
+                         for p in pairs.split(batch_size)])  # (I*T,)
+        return Scores(itc=itc, itm=itm.view(len(images), len(texts)), image_embeds=image_embeds,
+                      text_embeds=text_embeds)
+    finally:
+        vlm.train(was_training)

@@ -36,6 +36,7 @@ def classify_metrics(model: VLM, cfg, classes: list[str], template: str = "a pho
     from qvlm.eval.retrieval import eval_batches
     from qvlm.model_sources import load_tokenizer
 
+    model.require_text("zero-shot classification")
     if len(classes) < 2:
         raise ValueError("zero-shot classification needs at least two class names")
     if "{}" not in template:

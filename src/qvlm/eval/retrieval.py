@@ -172,6 +172,7 @@ def eval_source(cfg) -> str | None:
 
 def evaluate_retrieval(model: VLM, cfg, source: str | None = None, split: str = "test") -> dict[str, float]:
     """What the training loop calls periodically: retrieval R@K with ``primary`` naming the key to track."""
+    model.require_text("retrieval")
     sharded = D.is_distributed()  # during multi-process training: every rank encodes its share
     metrics = retrieval_metrics(model, eval_batches(cfg, model, source, split, shard=sharded),
                                 rerank_k=cfg.eval.itm_rerank_k, sharded=sharded)

@@ -166,7 +166,7 @@ class QFormer(nn.Module):
     """
 
     def __init__(self, config, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
-                 dropout: float | None = None, cross_attention_qk_gain: float = 0.0):
+                 dropout: float | None = None, cross_attention_qk_gain: float = 0.0, vision_norm_eps: float = 1e-5):
         super().__init__()
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {config.position_embedding_type}")
@@ -177,7 +177,7 @@ class QFormer(nn.Module):
         self.bert_config, self.vision_width, self.gradient_checkpointing = config, vision_width, False
         self.embeddings = Embeddings(config, hidden)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, config.hidden_size))  # (1, Q, Dq)
-        self.vision_norm = nn.LayerNorm(vision_width)
+        self.vision_norm = nn.LayerNorm(vision_width, eps=vision_norm_eps)
         self.layers = nn.ModuleList(
             Layer(config, vision_width, i % cross_attention_every == 0, hidden, attn)
             for i in range(config.num_hidden_layers)
@@ -223,7 +223,7 @@ class QFormer(nn.Module):
     @classmethod
     def from_source(cls, source: str, vision_width: int, num_queries: int = 32, cross_attention_every: int = 2,
                     dropout: float | None = None, seed: int = 0, trust_remote_code: bool = False,
-                    cross_attention_qk_gain: float = 0.0) -> QFormer:
+                    cross_attention_qk_gain: float = 0.0, vision_norm_eps: float = 1e-5) -> QFormer:
         """A Q-Former from a BERT source (hub id, dir, pkg:..., random:bert?...); new parts seeded by ``seed``."""
         from transformers import AutoModel
 
@@ -235,7 +235,7 @@ class QFormer(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = cls(bert.config, vision_width, num_queries, cross_attention_every, dropout,
-                        cross_attention_qk_gain)
+                        cross_attention_qk_gain, vision_norm_eps)
         model.load_bert_weights(bert)
         return model
 
@@ -256,6 +256,30 @@ class QFormer(nn.Module):
                 modules[f"{ours}.{ffn}.norm"] = f"{theirs}.output.LayerNorm"
         return {f"{ours}.{name}": f"{theirs}.{name}" for ours, theirs in modules.items()
                 for name, _ in self.get_submodule(ours).named_parameters()}
+
+    def blip2_weight_map(self, text: bool = True) -> dict[str, str]:
+        """Our parameter name -> its name in a transformers BLIP-2 checkpoint (``Blip2Model``,
+        ``Blip2ForImageTextRetrieval``, ...). BLIP-2's text embeddings have no token types, and its
+        image LayerNorm is the vision tower's ``post_layernorm``. ``text=False``: the query path only
+        (the text embeddings and text feed-forward are absent from a captioning checkpoint)."""
+        modules = {"embeddings.norm": "qformer.layernorm", "vision_norm": "vision_model.post_layernorm"}
+        if text:
+            modules.update({f"embeddings.{e}_embeddings": f"embeddings.{e}_embeddings" for e in ("word", "position")})
+        for i, layer in enumerate(self.layers):
+            ours, theirs = f"layers.{i}", f"qformer.encoder.layer.{i}"
+            attns = [("self_attn", "attention")] + ([("cross_attn", "crossattention")] if layer.cross_attn else [])
+            for attn, hf in attns:
+                for p in ("query", "key", "value"):
+                    modules[f"{ours}.{attn}.{p}"] = f"{theirs}.{hf}.attention.{p}"
+                modules[f"{ours}.{attn}.dense"] = f"{theirs}.{hf}.output.dense"
+                modules[f"{ours}.{attn}.norm"] = f"{theirs}.{hf}.output.LayerNorm"
+            for ffn, suffix in [("query_ffn", "_query")] + ([("text_ffn", "")] if text else []):
+                modules[f"{ours}.{ffn}.intermediate"] = f"{theirs}.intermediate{suffix}.dense"
+                modules[f"{ours}.{ffn}.output"] = f"{theirs}.output{suffix}.dense"
+                modules[f"{ours}.{ffn}.norm"] = f"{theirs}.output{suffix}.LayerNorm"
+        names = {f"{ours}.{name}": f"{theirs}.{name}" for ours, theirs in modules.items()
+                 for name, _ in self.get_submodule(ours).named_parameters()}
+        return {"query_tokens": "query_tokens", **names}
 
     @torch.no_grad()
     def load_bert_weights(self, bert_model: nn.Module | Mapping[str, Tensor]) -> list[str]:

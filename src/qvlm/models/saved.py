@@ -46,6 +46,7 @@ def localize_sources(cfg: Config, folder: Path) -> Config:
     for block, key in SOURCE_KEYS:
         section = getattr(cfg.model, block)
         text = getattr(section, key)
-        if text and not Path(text).is_absolute() and (folder / text).exists():
+        if text and not text.startswith(("pkg:", "random:")) and not Path(text).is_absolute() \
+                and (folder / text).exists():
             setattr(section, key, str((folder / text).resolve()))
     return cfg

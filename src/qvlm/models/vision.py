@@ -2,7 +2,9 @@
 
 The image backbone of BLIP-2 (paper §3.1: a frozen ViT whose penultimate or last layer feeds the
 Q-Former). Any HF vision tower works: ViT, DINOv2, the vision half of CLIP or SigLIP (a full
-two-tower checkpoint is cut down to its ``vision_model``). Its ``ImageProcessor`` is a small,
+two-tower checkpoint is cut down to its ``vision_model``), and BLIP-2's own ``Blip2VisionModel``.
+``layer="last_unnormed"`` reads the last block's output before the tower's final LayerNorm: the
+Q-Former's own image LayerNorm takes that norm's place (LAVIS's ``ln_vision``), with its epsilon. Its ``ImageProcessor`` is a small,
 deterministic resize + normalise read from the checkpoint's ``preprocessor_config.json``, so the
 data pipeline and the feature cache share one definition of "the pixels this tower expects".
 
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 
 from qvlm import model_sources as sources
 
+LAYERS = ("last", "penultimate", "last_unnormed")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: RGB -> grey (the weights sum to 1)
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 PIL_CODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -103,8 +106,8 @@ class VisionEncoder(nn.Module):
     def __init__(self, tower: nn.Module, processor: ImageProcessor, layer: str = "last",
                  drop_cls: bool = False, source: str = "", grey_view: bool = False):
         super().__init__()
-        if layer not in ("last", "penultimate"):
-            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
         self.tower = tower
         self.processor = processor
         self.layer = layer
@@ -119,10 +122,13 @@ class VisionEncoder(nn.Module):
     @classmethod
     def from_source(cls, source: str, layer: str = "last", drop_cls: bool = False,
                     seed: int = 0, trust_remote_code: bool = False, grey_view: bool = False) -> "VisionEncoder":
-        from transformers import AutoModel
+        from transformers import AutoModel, Blip2VisionModel
 
         src = sources.resolve(source)
-        model = sources.load_model(src, AutoModel, seed=seed, trust_remote_code=trust_remote_code)
+        # BLIP-2's tower (a folder that ``qvlm import blip2`` wrote) has no AutoModel entry
+        blip2 = sources.load_hf_config(src, trust_remote_code).model_type == "blip_2_vision_model"
+        model = sources.load_model(src, Blip2VisionModel if blip2 else AutoModel, seed=seed,
+                                   trust_remote_code=trust_remote_code)
         tower = getattr(model, "vision_model", model)  # CLIP / SigLIP two-tower -> the vision half
         size = int(getattr(tower.config, "image_size", 224))
         if src.kind == "dir":
@@ -141,6 +147,11 @@ class VisionEncoder(nn.Module):
     def width(self) -> int:
         """Dv, the width of a feature token (twice the tower's with ``grey_view``)."""
         return int(self.tower.config.hidden_size) * (2 if self.grey_view else 1)
+
+    @property
+    def norm_eps(self) -> float | None:
+        """With ``layer="last_unnormed"``: the epsilon of the final LayerNorm the features skip."""
+        return float(getattr(self.tower.config, "layer_norm_eps", 1e-5)) if self.layer == "last_unnormed" else None
 
     @property
     def image_size(self) -> int:
@@ -168,9 +179,11 @@ class VisionEncoder(nn.Module):
     def encode(self, pixel_values: Tensor) -> Tensor:
         dtype = next(self.tower.parameters()).dtype
         pixel_values = pixel_values.to(dtype)
-        want_hidden = self.layer == "penultimate"
-        out = self.tower(pixel_values=pixel_values, output_hidden_states=want_hidden)
-        feats = out.hidden_states[-2] if want_hidden else out.last_hidden_state  # (B, N, Dv)
+        if self.layer == "last":
+            feats = self.tower(pixel_values=pixel_values).last_hidden_state  # (B, N, Dv)
+        else:  # hidden_states: the embeddings, then each block's output (before any final norm)
+            hidden = self.tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            feats = hidden[-2] if self.layer == "penultimate" else hidden[-1]  # (B, N, Dv)
         if self.drop_cls:
             feats = feats[:, 1:]  # (B, N-1, Dv)
         return feats

@@ -26,6 +26,30 @@ from qvlm.model_sources import UnreadableFile, read_safetensors
 BLOCK_FILES = ("qformer", "heads", "projector", "lora")  # one safetensors file each in a saved model
 
 
+class MissingTextSide(ConfigError):
+    """A task that needs the Q-Former's text side, on a model imported without one (a usage error)."""
+
+
+def check_text_side(cfg: Config, task: str) -> None:
+    if not cfg.model.qformer.has_text:
+        raise MissingTextSide(
+            f"{task} needs the Q-Former's text side (text embeddings and feed-forward), which this model "
+            "lacks: it was imported from a BLIP-2 checkpoint without one (Blip2Model or "
+            "Blip2ForConditionalGeneration), so it serves stage 2 only. For scores, retrieval or stage 1, "
+            "import a Blip2ForImageTextRetrieval checkpoint (e.g. Salesforce/blip2-itm-vit-g).")
+
+
+def read_model_config(path: str | Path) -> Config:
+    """The config of a saved model folder, its bundled sources made absolute."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise UnreadableFile(f"{path / 'config.yaml'}: missing ({path} is not a saved qvlm model folder)")
+    try:
+        return localize_sources(load_config(path / "config.yaml"), path)
+    except ConfigError as exc:  # a saved config that does not parse: a damaged folder
+        raise UnreadableFile(f"{path / 'config.yaml'}: {exc}") from exc
+
+
 @dataclass
 class VLMOutput:
     logits: Tensor  # (B, T, V)
@@ -60,6 +84,7 @@ class VLM(nn.Module):
             cross_attention_every=m.qformer.cross_attention_every, dropout=m.qformer.dropout,
             seed=seed, trust_remote_code=trust,
             cross_attention_qk_gain=m.qformer.cross_attention_qk_gain,
+            vision_norm_eps=vision.norm_eps or 1e-5,
         )
         projector = llm = None
         if with_llm:
@@ -71,6 +96,10 @@ class VLM(nn.Module):
         model = cls(cfg, vision, qformer, projector, llm)
         model.set_trainable(2 if with_llm else 1, freeze_qformer=cfg.train.freeze_qformer)
         return model
+
+    def require_text(self, task: str) -> None:
+        """Raise ``MissingTextSide`` when ``task`` needs the Q-Former's text side and this model has none."""
+        check_text_side(self.config, task)
 
     # ---- the image path ------------------------------------------------------------------
 
@@ -222,12 +251,7 @@ class VLM(nn.Module):
     def from_pretrained(cls, path: str | Path, with_llm: bool | None = None) -> "VLM":
         """Rebuild from ``config.yaml`` (base models from their sources) and load the saved blocks."""
         path = Path(path)
-        if not (path / "config.yaml").is_file():
-            raise UnreadableFile(f"{path / 'config.yaml'}: missing ({path} is not a saved qvlm model folder)")
-        try:
-            cfg = localize_sources(load_config(path / "config.yaml"), path)
-        except ConfigError as exc:  # a saved config that does not parse: a damaged folder
-            raise UnreadableFile(f"{path / 'config.yaml'}: {exc}") from exc
+        cfg = read_model_config(path)
         has_llm = (path / "projector.safetensors").is_file()
         model = cls.from_config(cfg, with_llm=has_llm if with_llm is None else with_llm)
         saved = ("qformer", "heads", "projector", "lora") if has_llm and cfg.model.llm.use_lora else (

@@ -13,6 +13,7 @@ newest complete checkpoint: the same weights as an uninterrupted run, on CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -30,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qvlm.config import Config, save_config
-from qvlm.models.vlm import VLM, read_blocks
+from qvlm.models.vlm import VLM, check_text_side, read_blocks, read_model_config
 from qvlm.model_sources import UnreadableFile
 from qvlm.train import checkpoint as ckpt
 from qvlm import distributed as D
@@ -118,6 +119,35 @@ class TrainStep(nn.Module):
         return step_losses(self.model, batch, self.cfg, generator=generator, dec_token_id=self.dec_token_id)
 
 
+def run_config(cfg: Config) -> Config:
+    """The config a run trains with: ``train.init_from``'s blocks adopted, then checked."""
+    cfg = adopt_init_from(cfg)
+    if cfg.train.stage == 1:
+        check_text_side(cfg, "stage-1 training")
+    return cfg
+
+
+def adopt_init_from(cfg: Config) -> Config:
+    """With ``train.init_from``: the run's vision tower and Q-Former are that folder's (its
+    ``model.vision`` and ``model.qformer``, the run keeping its own Q-Former dropout), so the run
+    loads the weights into the blocks they were trained in, whatever the run's config says of them."""
+    if not cfg.train.init_from:
+        return cfg
+    try:
+        saved = read_model_config(cfg.train.init_from)
+    except UnreadableFile as exc:
+        raise UnreadableFile(f"train.init_from: {exc}") from exc
+    cfg = copy.deepcopy(cfg)
+    saved.model.qformer.dropout = cfg.model.qformer.dropout
+    changed = [f"model.{block}.{key}" for block in ("vision", "qformer")
+               for key, value in vars(getattr(saved.model, block)).items()
+               if getattr(getattr(cfg.model, block), key) != value]
+    cfg.model.vision, cfg.model.qformer = saved.model.vision, saved.model.qformer
+    if changed:
+        log(f"train.init_from: {', '.join(changed)} as in {cfg.train.init_from}")
+    return cfg
+
+
 def build_model(cfg: Config) -> VLM:
     model = VLM.from_config(cfg, with_llm=cfg.train.stage == 2)
     if cfg.train.init_from:
@@ -144,6 +174,7 @@ def train(cfg: Config, out: str | Path, resume: bool = False,
     unless ``resume`` continues it or ``overwrite`` deletes what it holds first."""
     out = Path(out)
     check_run_folder(out, resume, overwrite)
+    cfg = run_config(cfg)
     accelerator = D.setup(cfg.train.dist_timeout_s)
     device = accelerator.device
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
