@@ -226,3 +226,26 @@ def test_imported_model_trains_stage2_and_stage1_and_evaluates(retrieval, tmp_pa
     assert len(s2.qformer.layers) == 3 and s2.llm is not None
     imported = VLM.from_pretrained(model)
     assert torch.equal(s2.qformer.query_tokens, imported.qformer.query_tokens)  # stage 2 trains from it
+
+
+def test_hub_layout_of_the_tower_biases_is_read(retrieval, tmp_path):
+    """The Hub's BLIP-2 files hold ``self_attn.q_bias`` and ``v_bias`` (no key bias); newer transformers
+    one ``qkv.bias``. Either layout imports to the same scores."""
+    from safetensors.torch import load_file, save_file
+
+    hf, root, _ = retrieval
+    import shutil
+
+    folder = tmp_path / "hub-layout"
+    shutil.copytree(root / "hf", folder)
+    state = load_file(folder / "model.safetensors")
+    for name in [k for k in state if k.endswith("self_attn.qkv.bias")]:
+        q, _, v = state.pop(name).chunk(3)
+        state[name.replace("qkv.bias", "q_bias")], state[name.replace("qkv.bias", "v_bias")] = q, v
+    save_file(state, folder / "model.safetensors")
+    import_blip2(str(folder), tmp_path / "model")
+    imgs = images()
+    ours = score(VLM.from_pretrained(tmp_path / "model"), imgs, TEXTS)
+    same = score(VLM.from_pretrained(root / "model"), imgs, TEXTS)  # the key bias changes no score
+    torch.testing.assert_close(ours.itc, same.itc, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.itm, same.itm, atol=1e-5, rtol=0)

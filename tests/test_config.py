@@ -78,7 +78,7 @@ def test_bad_yaml_and_missing_file(tmp_path: Path):
         load_config(None, ["train.lr"])
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "blip2-smollm2.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "blip2-smollm2.yaml", "blip2-smollm2-hf.yaml"])
 def test_yaml_round_trip(name, tmp_path: Path):
     cfg = load_config(CONFIGS / name, ["train.losses={itc: 1.0}", "model.llm.lora.r=16"])
     dumped = tmp_path / "resolved.yaml"

@@ -95,6 +95,23 @@ def test_image_slots_are_contiguous_inside_the_user_turn(tok):
     assert all(ex.input_ids[i] == tok.pad_token_id for i in slots)
 
 
+@pytest.mark.parametrize("user", [USER, f"<image>\n{USER}"])
+def test_prefix_layout_puts_the_slots_before_the_template(tok, user):
+    """image_position=prefix (BLIP-2, transformers' processor, vLLM): Q slots, then the whole chat with
+    the user text alone; the labels are the same tokens as in the user-turn layout."""
+    ex = build_example(tok, Q, user, TARGET, SYSTEM, image_position="prefix")
+    assert ex.image_mask[:Q] == [True] * Q and not any(ex.image_mask[Q:])
+    full = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
+                                    {"role": "assistant", "content": TARGET}], tokenize=False)
+    assert tok.decode(ex.input_ids[Q:]) == full[:-1] and "<image>" not in tok.decode(ex.input_ids[Q:])
+    assert supervised(ex) == supervised(build_example(tok, Q, USER, TARGET, SYSTEM))
+    check_labels(tok, ex)
+    gen = build_example(tok, Q, user, None, SYSTEM, image_position="prefix")
+    assert ex.input_ids[:len(gen.input_ids)] == gen.input_ids and not supervised(gen)
+    text_only = build_example(tok, 0, USER, TARGET, SYSTEM, image_position="prefix")
+    assert not any(text_only.image_mask) and text_only.input_ids == ex.input_ids[Q:]
+
+
 def test_placeholder_already_in_user_text_is_used_in_place(tok):
     ex = build_example(tok, Q, "Look: <image> what colour is it?", "red", None)
     slots = [i for i, m in enumerate(ex.image_mask) if m]

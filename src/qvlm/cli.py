@@ -229,11 +229,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, compile=args.compile)
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.prompt:
-        print(chat(model, image, args.prompt, gen=gen), flush=True)
+        print(chat(model, image, [*system, {"role": "user", "content": args.prompt}], gen=gen), flush=True)
         return 0
     while question := read_question():  # interactive: an empty line or EOF ends it
-        print(chat(model, image, question, gen=gen), flush=True)
+        print(chat(model, image, [*system, {"role": "user", "content": question}], gen=gen), flush=True)
     return 0
 
 
@@ -247,7 +248,7 @@ def read_question() -> str | None:
 def cmd_export(args: argparse.Namespace) -> int:
     from qvlm.export import export_model
 
-    report = export_model(args.model, args.out, merge_lora=args.merge_lora)
+    report = export_model(args.model, args.out, merge_lora=args.merge_lora, fmt=args.format)
     print_json(report) if args.json else print(f"exported to {report['out']}")
     return 0
 
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("image")
     p.add_argument("--prompt", default=None)
+    p.add_argument("--system", default=None, help="system prompt (default: the model's first system prompt)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
@@ -488,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--merge-lora", action="store_true")
+    p.add_argument("--format", choices=["qvlm", "transformers"], default="qvlm",
+                   help="transformers: a Blip2ForConditionalGeneration folder (transformers, vLLM; docs/export.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 

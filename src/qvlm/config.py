@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 LORA_POSITIONS = ("all", "image", "from_image")  # model.llm.lora.positions
+IMAGE_POSITIONS = ("user_turn", "prefix")  # model.llm.image_position
 # Keys that older versions wrote into run folders and saved models (CPU speed options that were
 # removed): a config that still has them loads, with a warning naming them.
 REMOVED_KEYS = ("model.qformer.image_pos_embed", "data.pad_to_multiple_of", "train.itc_one_pass",
@@ -108,6 +109,9 @@ class LLMConfig:
         default_factory=lambda: ["Describe the image.", "What is in this picture?"]
     )
     image_placeholder: str = "<image>"
+    # Where the image tokens go: "user_turn" (at the placeholder inside the chat template's user turn)
+    # or "prefix" (first, before everything: BLIP-2's layout, as transformers and vLLM build it)
+    image_position: str = "user_turn"
 
 
 @dataclass
@@ -329,6 +333,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.llm.lora.r >= 1, "model.llm.lora.r", ">= 1"),
         (0.0 <= cfg.model.llm.lora.dropout < 1.0, "model.llm.lora.dropout", "in [0, 1)"),
         (cfg.model.llm.lora.positions in LORA_POSITIONS, "model.llm.lora.positions", ", ".join(LORA_POSITIONS)),
+        (cfg.model.llm.image_position in IMAGE_POSITIONS, "model.llm.image_position", ", ".join(IMAGE_POSITIONS)),
         (cfg.model.llm.lora.positions == "all" or cfg.train.losses.get("replay", 0) == 0, "train.losses",
          f"without replay when model.llm.lora.positions={cfg.model.llm.lora.positions} (text-only replay never "
          "reaches adapters limited to the image and what follows it)"),

@@ -26,6 +26,7 @@ import torch
 
 from qvlm import model_sources as sources
 from qvlm.config import Config, validate
+from qvlm.models.vision import fit_blip2_attention_biases
 from qvlm.models.vlm import VLM
 
 KEEP = ("vision_model.", "qformer.", "query_tokens", "embeddings.", "vision_projection.", "text_projection.",
@@ -139,12 +140,15 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def write_tower(folder: Path, config, tensors: dict[str, torch.Tensor], dest: Path) -> None:
     """``Blip2VisionModel`` in HF format with the checkpoint's image processor."""
     from safetensors.torch import save_file
+    from transformers import Blip2VisionModel
 
     dest.mkdir(parents=True)
     config.vision_config.save_pretrained(dest)
-    tower = {k.removeprefix("vision_model."): v.contiguous() for k, v in tensors.items()
-             if k.startswith("vision_model.")}
-    save_file(tower, dest / "model.safetensors")
+    with torch.device("meta"):  # the names the installed transformers expects, no memory
+        expected = set(Blip2VisionModel(config.vision_config).state_dict())
+    tower = fit_blip2_attention_biases({k.removeprefix("vision_model."): v for k, v in tensors.items()
+                                        if k.startswith("vision_model.")}, expected)
+    save_file({k: v.contiguous() for k, v in tower.items()}, dest / "model.safetensors")
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
         shutil.copy(processor, dest / "preprocessor_config.json")

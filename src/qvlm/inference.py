@@ -38,8 +38,9 @@ def prompt_batch(vlm, users: list[str], system: str | None) -> tuple[Tensor, Ten
     """Left-padded generation prompts (B, T) with each row's Q image slots marked in image_mask."""
     tok = vlm.llm.tokenizer
     q = vlm.qformer.num_queries
-    placeholder = vlm.config.model.llm.image_placeholder
-    examples = [build_example(tok, q, user, None, system, placeholder) for user in users]
+    llm = vlm.config.model.llm
+    examples = [build_example(tok, q, user, None, system, llm.image_placeholder, image_position=llm.image_position)
+                for user in users]
     return pad_left([e.input_ids for e in examples], [e.image_mask for e in examples], tok.pad_token_id)
 
 

@@ -18,6 +18,9 @@ into token ids (models never tokenise):
 * Anything a template writes between the generation prompt and the target (e.g. an empty
   ``<think></think>`` block) is input, not supervised. A template that changes the target text
   (upper-cases it, drops it) leaves the whole completion supervised, and ``check_labels`` fails.
+* ``image_position="prefix"``: the image slots come first, before everything the template writes
+  (BLIP-2's layout, as transformers' ``Blip2Processor`` and vLLM build it); the user turn holds
+  the text only.
 * Truncation (``max_len``) shortens only the target, keeping the end-of-turn token; an example
   left with no target tokens (empty, or truncated away) supervises nothing, since teaching an
   immediate end-of-turn would teach empty answers. ``check_batch`` fails a batch of only those.
@@ -103,10 +106,14 @@ def image_prompt_ids(tokenizer, prompt: str, num_queries: int, placeholder: str)
         raise PromptError(f"the rendered prompt must hold the image placeholder {placeholder!r} exactly once, "
                           f"found {len(parts) - 1}: {prompt!r}")
     before, after = encode(tokenizer, parts[0]), encode(tokenizer, parts[1])
-    slot = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids = before + [slot] * num_queries + after  # (P,) with P = len(before) + Q + len(after)
+    ids = before + [slot_id(tokenizer)] * num_queries + after  # (P,) with P = len(before) + Q + len(after)
     mask = [False] * len(before) + [True] * num_queries + [False] * len(after)
     return ids, mask
+
+
+def slot_id(tokenizer) -> int:
+    """The id written at image slots (their embeddings are replaced): pad, else eos, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
 
 def split_completion(completion: str, target: str) -> tuple[str, str, str]:
@@ -130,17 +137,26 @@ def split_completion(completion: str, target: str) -> tuple[str, str, str]:
 
 
 def build_example(tokenizer, num_queries: int, user: str, target: str | None, system: str | None = None,
-                  placeholder: str = "<image>", max_len: int | None = None) -> Example:
-    """One sample: [system] user(image slots + text) [assistant target + end of turn].
+                  placeholder: str = "<image>", max_len: int | None = None,
+                  image_position: str = "user_turn") -> Example:
+    """One sample: [system] user(image slots + text) [assistant target + end of turn]; with
+    ``image_position="prefix"``: image slots, then [system] user(text) [assistant ...].
 
     ``target=None`` gives a generation prompt (ending with the assistant header, nothing supervised).
     ``num_queries=0`` gives a text-only sample: the user text as it is, no image slots (text replay).
     ``max_len`` bounds T by truncating the target only; a prompt longer than it is a ``PromptError``."""
     if num_queries < 0:
         raise PromptError(f"num_queries must be >= 0, got {num_queries}")
-    content = user if placeholder in user or not num_queries else f"{placeholder}\n{user}"
+    prefix = image_position == "prefix" and num_queries > 0
+    if prefix:
+        content = user.replace(placeholder, "").strip()
+    else:
+        content = user if placeholder in user or not num_queries else f"{placeholder}\n{user}"
     prompt, completion = render(tokenizer, system, content, target)
-    if num_queries:
+    if prefix:
+        ids = [slot_id(tokenizer)] * num_queries + encode(tokenizer, prompt)  # (P,) = (Q + template,)
+        mask = [True] * num_queries + [False] * (len(ids) - num_queries)
+    elif num_queries:
         ids, mask = image_prompt_ids(tokenizer, prompt, num_queries, placeholder)  # (P,)
     else:
         ids = encode(tokenizer, prompt)

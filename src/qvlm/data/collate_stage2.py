@@ -80,7 +80,7 @@ class Stage2Collator:
 
     def example(self, turn: Turn) -> Example:
         example = build_example(self.tokenizer, self.num_queries, turn.user, turn.target, turn.system,
-                                self.llm_cfg.image_placeholder, self.max_len)
+                                self.llm_cfg.image_placeholder, self.max_len, self.llm_cfg.image_position)
         check_labels(self.tokenizer, example)
         return example
 

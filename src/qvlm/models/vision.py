@@ -201,3 +201,21 @@ class VisionEncoder(nn.Module):
                 digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
+
+
+def fit_blip2_attention_biases(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """A ``Blip2VisionModel`` state in the bias layout that the installed transformers expects: one
+    ``self_attn.qkv.bias`` (newer) or ``q_bias`` and ``v_bias`` (older; the key bias is then dropped,
+    exactly: it adds the same amount to every attention logit of a query, which softmax ignores)."""
+    state = dict(state)
+    for name in [k for k in state if k.endswith("self_attn.q_bias")]:
+        base = name.removesuffix("q_bias")
+        if f"{base}qkv.bias" in expected:
+            q, v = state.pop(name), state.pop(f"{base}v_bias")
+            state[f"{base}qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    for name in [k for k in state if k.endswith("self_attn.qkv.bias")]:
+        base = name.removesuffix("qkv.bias")
+        if f"{base}q_bias" in expected:
+            q, _, v = state.pop(name).chunk(3)
+            state[f"{base}q_bias"], state[f"{base}v_bias"] = q, v
+    return state

@@ -169,7 +169,7 @@ class Engine:
         try:
             with self.tokenizer_lock:
                 example = build_example(self.tokenizer, self.vlm.qformer.num_queries, user, None, system,
-                                        cfg.image_placeholder)
+                                        cfg.image_placeholder, image_position=cfg.image_position)
         except PromptError as exc:
             raise bad(f"the prompt cannot be rendered: {exc}", param="messages") from exc
         n = len(example.input_ids)
