@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(qvlm.__file__).resolve().parent
 MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS_ALLOWED = {("cli.py", "build_parser")}  # the argparse builder: one flat list of flags
-MAX_CODE_LINES = 7750  # 7,300 after the simplification (#25), plus import blip2 and score (#29) and the transformers export (#30)
+MAX_CODE_LINES = 7950  # 7,300 after the simplification (#25); then import blip2 and score (#29), the
+# transformers export (#30), conversations and VQA (#31)
 
 
 def contract_layers() -> list[str]:

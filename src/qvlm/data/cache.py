@@ -248,7 +248,8 @@ def run_cache_features(source: str, vision, cache_dir: str | Path, batch_size: i
                      "fingerprint": index["header"]["fingerprint"]}
             return summarize(counter, stats, cache_dir, start)
     counter, failed = SkipCounter(), {}
-    records = iter_records(open_dataset(source, split, max_pixels=max_pixels), counter, max_records, failed)
+    records = iter_records(open_dataset(source, split, max_pixels=max_pixels), counter, max_records, failed,
+                           images_only=True)
     if progress:
         from tqdm import tqdm
 
@@ -264,7 +265,7 @@ def up_to_date(index: dict, dataset, max_records: int | None):
     from qvlm.data.records import iter_records
 
     counter, failed = SkipCounter(), index.get("failed", {})
-    for rec in iter_records(dataset, counter, max_records):
+    for rec in iter_records(dataset, counter, max_records, images_only=True):
         if rec["image_id"] in failed:
             counter.used -= 1
             counter.records -= 1

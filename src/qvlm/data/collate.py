@@ -78,7 +78,10 @@ class Stage1Collator:
         self.augment, self.features, self.feature_dtype = augment, features, feature_dtype
 
     def prepare(self, record: dict) -> dict:
-        """The record if it can go into a batch, else ``SkipRecord`` (the training stream's check)."""
+        """The record if it can go into a batch, else ``SkipRecord`` (the training stream's check;
+        a text-only conversation has no image for stage 1)."""
+        if record.get("image") is None and record.get("image_id") is None:
+            raise SkipRecord("text_only", record.get("key", ""))
         return check_cached(record, self.features)
 
     def __call__(self, records: list[dict]) -> dict:

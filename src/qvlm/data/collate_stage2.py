@@ -3,9 +3,11 @@
 ``Stage2Collator`` takes usable records like the stage-1 collator (``prepare`` is the training
 stream's per-record check: a record whose prompt cannot be built, or missing from the feature
 cache, is a skip), gives pixels through the vision tower's ``ImageProcessor`` or, with a feature
-cache, ``image_embeds`` looked up by ``image_id``, and builds each sample with ``qvlm.prompt``: system + user prompt drawn from the config lists (or a question-answer
-pair of the record), ``num_queries`` image slots inside the user turn, the target, and labels only
-on the target + end-of-turn tokens. Rows are right-padded to the longest (pad id, -100, False).
+cache, ``image_embeds`` looked up by ``image_id``, and builds each sample with ``qvlm.prompt``: a
+caption task (system + user prompt drawn from the config lists, the caption) or the record's whole
+conversation, ``num_queries`` image slots in place, labels on every assistant turn + end of turn.
+A text-only record (no image) gets no image slots, and no pixels or features: those come for the
+rows with an image only. Rows are right-padded to the longest (pad id, -100, False).
 
 The prompt choice is a pure function of (seed, record key): the same record gets the same prompt in
 any batch, worker or resumed run, and global RNG state is never touched. Every sample passes
@@ -22,13 +24,14 @@ import torch
 from qvlm.config import LLMConfig
 from qvlm.data.collate import check_cached
 from qvlm.data.decode import SkipRecord
-from qvlm.prompt import IGNORE, Example, PromptError, Turn, build_example, check_batch, check_labels, pick_turn
+from qvlm.prompt import IGNORE, Conversation, Example, PromptError, build_chat, check_batch, check_labels, \
+    pick_conversation
 
 
 class Stage2Collator:
     """records -> {"pixel_values" | "image_embeds", "input_ids", "attention_mask", "labels", "image_mask",
-    "padding_side", "image_positions", "label_positions", "keys", "captions", "targets",
-    "prompts", "attributes"}."""
+    "padding_side", "image_positions", "label_positions", "keys", "captions", "targets" (the first
+    assistant turn), "prompts" (the first user turn), "conversations", "attributes"}."""
 
     def __init__(self, processor, tokenizer, num_queries: int, llm_cfg: LLMConfig, max_len: int = 256,
                  features=None, seed: int = 0, caption_prob: float = 0.5,
@@ -44,43 +47,50 @@ class Stage2Collator:
         self.pad_id = 0 if pad is None else pad
 
     def prepare(self, record: dict) -> dict:
-        """The record with its turn and example built, or ``SkipRecord``: a record whose prompt cannot
-        be built (two image placeholders, a template that rejects the turns, a target cut away by
-        the length limit) is skipped as ``bad_prompt``, not fatal."""
-        check_cached(record, self.features)
+        """The record with its conversation and example built, or ``SkipRecord``: a record whose
+        prompt cannot be built (a template that rejects the turns, a prompt longer than the length
+        limit) is skipped as ``bad_prompt``, not fatal. Trailing turns dropped to fit the length
+        limit are counted as ``turns_dropped`` notes, one per turn."""
+        if has_image(record):
+            check_cached(record, self.features)
         try:
-            turn = self.turn(record)
-            return {**record, "_turn": turn, "_example": self.example(turn)}
+            chat = self.conversation(record)
+            example = self.example(chat, has_image(record))
         except PromptError as exc:
             raise SkipRecord("bad_prompt", f"{record.get('key', '')}: {exc}") from exc
+        notes = tuple(record.get("notes", ())) + ("turns_dropped",) * example.dropped_turns
+        return {**record, "_chat": chat, "_example": example, "notes": notes}
 
     def __call__(self, records: list[dict]) -> dict:
-        turns = [r["_turn"] if "_turn" in r else self.turn(r) for r in records]
-        examples = [r["_example"] if "_example" in r else self.example(t) for r, t in zip(records, turns)]
+        chats = [r["_chat"] if "_chat" in r else self.conversation(r) for r in records]
+        examples = [r["_example"] if "_example" in r else self.example(c, has_image(r))
+                    for r, c in zip(records, chats)]
         batch = {"keys": [r["key"] for r in records], "captions": [r.get("caption") for r in records],
-                 "targets": [t.target for t in turns], "prompts": [t.user for t in turns],
+                 "targets": [c.target for c in chats], "prompts": [c.user for c in chats],
+                 "conversations": [c.messages for c in chats],
                  "attributes": [r.get("attributes") for r in records]}
         batch.update(pad_examples(examples, self.pad_id))
         batch["padding_side"] = "right"  # pad_examples: every row's padding after its last token
         batch.update(positions(batch["image_mask"], batch["labels"]))
         if records:
             check_batch(batch["labels"])
+        seen = [r for r in records if has_image(r)]  # image rows, in order: their slots are row-major
         if self.features is not None:
-            batch["image_embeds"] = self.features.get([r["image_id"] for r in records], self.feature_dtype)
+            batch["image_embeds"] = self.features.get([r["image_id"] for r in seen], self.feature_dtype)
         else:
-            batch["pixel_values"] = self.pixels(records)
+            batch["pixel_values"] = self.pixels(seen)
         return batch
 
     def rng(self, key: str) -> random.Random:
         """The record's own generator: a pure function of (seed, key) (string seeds hash with SHA-512)."""
         return random.Random(f"qvlm-stage2:{self.seed}:{key}")
 
-    def turn(self, record: dict) -> Turn:
-        return pick_turn(record, self.llm_cfg, self.rng(record["key"]), self.caption_prob)
+    def conversation(self, record: dict) -> Conversation:
+        return pick_conversation(record, self.llm_cfg, self.rng(record["key"]), self.caption_prob)
 
-    def example(self, turn: Turn) -> Example:
-        example = build_example(self.tokenizer, self.num_queries, turn.user, turn.target, turn.system,
-                                self.llm_cfg.image_placeholder, self.max_len, self.llm_cfg.image_position)
+    def example(self, chat: Conversation, image: bool = True) -> Example:
+        example = build_chat(self.tokenizer, self.num_queries if image else 0, chat.messages,
+                             self.llm_cfg.image_placeholder, self.max_len, self.llm_cfg.image_position)
         check_labels(self.tokenizer, example)
         return example
 
@@ -89,6 +99,11 @@ class Stage2Collator:
             size = self.processor.size
             return torch.zeros((0, 3, size, size))
         return self.processor([r["image"] for r in records])  # (B, 3, H, W)
+
+
+def has_image(record: dict) -> bool:
+    """False for a text-only record (a conversation without an image)."""
+    return record.get("image") is not None or record.get("image_id") is not None
 
 
 def positions(image_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

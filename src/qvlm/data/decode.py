@@ -37,6 +37,8 @@ from qvlm.model_sources import UnreadableFile
 DEFAULT_MAX_PIXELS = 64_000_000  # matches DataConfig.max_image_pixels
 DEFAULT_MAX_CHARS = 2048  # caption character budget (tokens are cut later, in the collator)
 ROLES = ("system", "user", "assistant")
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA / ShareGPT "from"
+IMAGE_MARK = "<image>"  # where a conversation's image goes (LLaVA's marker)
 
 
 class SkipRecord(Exception):
@@ -233,9 +235,24 @@ def clean_caption(raw: object, max_chars: int = DEFAULT_MAX_CHARS, counter: Skip
     return text
 
 
+def to_messages(value):
+    """``messages`` as is; LLaVA ``conversations`` ({"from", "value"}) -> {"role", "content"}."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for turn in value:
+        if isinstance(turn, dict) and "from" in turn and "role" not in turn:
+            turn = {"role": LLAVA_ROLES.get(turn["from"], turn["from"]), "content": turn.get("value")}
+        out.append(turn)
+    return out
+
+
 def clean_messages(raw: object, max_chars: int = DEFAULT_MAX_CHARS,
                    counter: SkipCounter | None = None) -> list[dict]:
-    """A chat as a list of {"role", "content"}; each content cleaned like a caption; needs an assistant turn."""
+    """A chat as a list of {"role", "content"}; each content cleaned like a caption. Skipped: no
+    assistant turn (``bad_messages``), roles out of order (an optional system turn, then user and
+    assistant in turn, ending with the assistant: ``roles_out_of_order``), and more than one image
+    mark (``several_images``)."""
     if not isinstance(raw, list) or not raw:
         raise SkipRecord("bad_messages", "not a non-empty list")
     out = []
@@ -247,7 +264,14 @@ def clean_messages(raw: object, max_chars: int = DEFAULT_MAX_CHARS,
         except SkipRecord as exc:
             reason = "bad_caption_encoding" if exc.reason == "bad_caption_encoding" else "bad_messages"
             raise SkipRecord(reason, exc.detail) from exc
-        out.append({"role": turn["role"], "content": content})
+        kind = turn.get("type")  # a question's type (VQA scores by it), kept when it is a short string
+        out.append({"role": turn["role"], "content": content} | ({"type": kind} if isinstance(kind, str) and
+                                                                  0 < len(kind) <= 32 else {}))
     if not any(t["role"] == "assistant" for t in out):
         raise SkipRecord("bad_messages", "no assistant turn")
+    roles = [t["role"] for t in (out[1:] if out[0]["role"] == "system" else out)]
+    if roles != ["user", "assistant"] * (len(roles) // 2) or len(roles) % 2:
+        raise SkipRecord("roles_out_of_order", " ".join(t["role"] for t in out)[:80])
+    if sum(t["content"].count(IMAGE_MARK) for t in out) > 1:
+        raise SkipRecord("several_images", f"more than one {IMAGE_MARK}")
     return out

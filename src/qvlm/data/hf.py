@@ -17,7 +17,6 @@ from qvlm.data.records import (CAPTION_COLUMNS, DEFAULT_LIMITS, IMAGE_COLUMNS, D
                                make_record, pick)
 
 MESSAGE_COLUMNS = ("messages", "conversations")
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 def import_datasets():
@@ -84,7 +83,7 @@ class HFDataset(Dataset):
         caption = pick(row, self.caption_column, CAPTION_COLUMNS)
         if isinstance(caption, list):
             caption = next((c for c in caption if isinstance(c, str) and c.strip()), None)
-        messages = to_messages(row.get(self.messages_column)) if self.messages_column else None
+        messages = row.get(self.messages_column) if self.messages_column else None
         return make_record(key, image_of(row.get(self.image_column)), caption, messages,
                            row.get("attributes"), self.limits)
 
@@ -107,15 +106,3 @@ def image_of(value):
     if isinstance(value, dict):
         return value.get("bytes") or value.get("path")
     return value
-
-
-def to_messages(value):
-    """``messages`` as is; LLaVA ``conversations`` ({"from", "value"}) -> {"role", "content"}."""
-    if not isinstance(value, list):
-        return value
-    out = []
-    for turn in value:
-        if isinstance(turn, dict) and "from" in turn and "role" not in turn:
-            turn = {"role": LLAVA_ROLES.get(turn["from"], turn["from"]), "content": turn.get("value")}
-        out.append(turn)
-    return out

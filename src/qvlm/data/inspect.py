@@ -1,7 +1,8 @@
 """``qvlm data inspect``: read a data source once, count used and skipped records, and draw a grid.
 
 ``inspect_source`` returns ``{"source", "split", "records", "used", "skipped": {reason: n},
-"notes": {name: n}, "caption_chars": {"min", "mean", "max"}, "summary", "grid"}`` and, with
+"notes": {name: n}, "caption_chars": {"min", "mean", "max"}, "conversations": {"records", "turns",
+"text_only"}, "summary", "grid"}`` (turns: assistant turns) and, with
 ``grid_path``, writes a PNG of the first used images with their captions underneath.
 """
 
@@ -29,8 +30,13 @@ def inspect_source(spec: str, grid_path: str | Path | None = None, max_records: 
     counter = SkipCounter()
     lengths: list[int] = []
     samples: list[tuple[Image.Image, str]] = []
+    chats = {"records": 0, "turns": 0, "text_only": 0}
     for rec in iter_records(dataset, counter, max_records):
         lengths.append(len(rec["caption"]))
+        if rec.get("messages"):
+            chats["records"] += 1
+            chats["turns"] += sum(t["role"] == "assistant" for t in rec["messages"])
+            chats["text_only"] += rec.get("image_id") is None
         if len(samples) < grid_size and rec["image"] is not None:
             samples.append((rec["image"], rec["caption"]))
     stats = {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 2), "max": max(lengths)} \
@@ -38,7 +44,7 @@ def inspect_source(spec: str, grid_path: str | Path | None = None, max_records: 
     grid = None
     if grid_path is not None:
         grid = str(write_grid(samples, grid_path))
-    return {"source": spec, "split": split, **counter.to_dict(), "caption_chars": stats,
+    return {"source": spec, "split": split, **counter.to_dict(), "caption_chars": stats, "conversations": chats,
             "summary": counter.summary(), "grid": grid}
 
 

@@ -3,10 +3,12 @@
 A record is a plain dict::
 
     {"key": str,                  # unique within the source, e.g. "train.jsonl:17" or "00003/000000042"
-     "image": PIL RGB | None,     # None only when the source was opened with decode_images=False
-     "image_id": str,             # content hash: sha256 of the raw file bytes, or of the RGB pixels
+     "image": PIL RGB | None,     # None when opened with decode_images=False, or for a text-only record
+     "image_id": str | None,      # content hash: sha256 of the raw file bytes, or of the RGB pixels;
+                                  # None: a text-only conversation (no image; stage 2 only)
      "caption": str,              # for chat-only records: the first assistant reply
-     "messages": list | None,     # [{"role": "user"|"assistant"|"system", "content": str}, ...]
+     "messages": list | None,     # [{"role": "system"|"user"|"assistant", "content": str}, ...]
+                                  # (LLaVA's ``conversations`` of {"from", "value"} are read as these)
      "attributes": dict | None,   # synthetic scenes: {position: None | {"color", "shape", "size"}}
      "notes": tuple[str, ...]}    # e.g. ("caption_truncated",); counted, never fatal
 
@@ -27,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from qvlm.data.decode import (
+    IMAGE_MARK,
     DEFAULT_MAX_CHARS,
     DEFAULT_MAX_PIXELS,
     SkipCounter,
@@ -36,6 +39,7 @@ from qvlm.data.decode import (
     clean_messages,
     decode_image,
     read_bytes,
+    to_messages,
     to_rgb,
 )
 
@@ -85,11 +89,17 @@ def skip_marker(key: str, reason: str) -> dict:
 
 def make_record(key: str, image: bytes | str | Path | Image.Image | None, caption: object = None,
                 messages: object = None, attributes: dict | None = None, limits: Limits = DEFAULT_LIMITS) -> dict:
-    """A record, or a skip marker if the text or the image is bad (text is checked first: it is cheaper)."""
+    """A record, or a skip marker if the text or the image is bad (text is checked first: it is cheaper).
+    A conversation without an image is a text-only record (``image_id`` None)."""
     notes = SkipCounter()
     image_id = None
     try:
-        text, chat = clean_text(caption, messages, limits.max_chars, notes)
+        text, chat = clean_text(caption, to_messages(messages), limits.max_chars, notes)
+        if image is None and chat is not None:
+            if any(IMAGE_MARK in t["content"] for t in chat):
+                raise SkipRecord("missing_file", f"{IMAGE_MARK} in the conversation but no image")
+            return {"key": key, "image": None, "image_id": None, "caption": text, "messages": chat,
+                    "attributes": attributes, "notes": tuple(sorted(notes.notes))}
         if image is None:
             raise SkipRecord("missing_file", "no image")
         if isinstance(image, Image.Image):
@@ -141,14 +151,23 @@ def iter_items(dataset) -> Iterator[dict]:
             yield dataset[i]
 
 
+def is_text_only(record: dict) -> bool:
+    """A conversation without an image (stage 2 trains it without image slots)."""
+    return record.get("image_id") is None and record.get("image") is None and "skip" not in record \
+        and "shard_done" not in record
+
+
 def iter_records(dataset: Iterable, counter: SkipCounter | None = None, limit: int | None = None,
-                 failed: dict | None = None) -> Iterator[dict]:
+                 failed: dict | None = None, images_only: bool = False) -> Iterator[dict]:
     """Usable records of a dataset (at most ``limit`` items looked at); markers are counted into
-    ``counter`` and dropped; undecodable images are noted in ``failed`` (image_id -> reason)."""
+    ``counter`` and dropped; undecodable images are noted in ``failed`` (image_id -> reason).
+    ``images_only``: text-only records are skipped too, counted as ``text_only``."""
     counter = counter if counter is not None else SkipCounter()
     for item in iter_items(dataset):
         if limit is not None and counter.records >= limit:
             return
+        if images_only and is_text_only(item):
+            item = skip_marker(item["key"], "text_only")
         if failed is not None and "image_id" in item and "skip" in item:
             failed[item["image_id"]] = item["skip"]
         if count_item(item, counter):

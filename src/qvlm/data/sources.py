@@ -7,8 +7,10 @@ Grammar of ``open_dataset(spec, split)`` (first match wins):
 - ``hf:NAME`` - a Hugging Face ``datasets`` hub id (or any path ``load_dataset`` takes), split ``split``;
 - WebDataset tar shards: ``x.tar``, ``a.tar,b.tar``, ``shards/{00000..00009}.tar``, or a directory
   holding ``*.tar`` (streamed, iterable; ``split`` is ignored);
-- ``file.jsonl`` / ``file.csv`` - one record per line/row: ``image`` (path relative to the file's
-  folder) and ``caption`` and/or ``messages`` (CSV: a JSON string); also ``attributes``, ``key``;
+- ``file.jsonl`` / ``file.csv`` / ``file.json`` - one record per line/row (``.json``: a list of
+  records, as LLaVA-Instruct ships): ``image`` (path relative to the file's folder; absent: a
+  text-only conversation) and ``caption`` and/or ``messages`` or LLaVA ``conversations`` (CSV: a
+  JSON string); also ``attributes``, ``key``, ``id``;
 - a directory with ``{split}.jsonl`` (what ``qvlm data synth`` writes) or ``{split}.csv``;
 - a directory written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict: ``split`` picks);
 - a directory with ``metadata.jsonl``/``metadata.csv`` and images: a ``datasets`` imagefolder;
@@ -61,7 +63,7 @@ def open_dataset(spec: str, split: str = "train", *, max_pixels: int | None = No
     if looks_like_shards(text):
         return open_shards(text, limits, rank, world_size, seed, shuffle)
     path = Path(text).expanduser()
-    if path.suffix in (".jsonl", ".csv"):
+    if path.suffix in (".jsonl", ".csv", ".json"):
         return FileDataset(path, limits, **options)
     if path.is_dir():
         return open_directory(path, split, limits, rank, world_size, seed, shuffle, options)
@@ -137,7 +139,8 @@ class FileDataset(Dataset):
         self.image_column, self.caption_column = image_column, caption_column
         # Undecodable bytes survive as lone surrogates, so one bad caption skips one record, not the file.
         text = self.path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
-        self.rows = read_csv(text) if self.path.suffix == ".csv" else read_jsonl(text)
+        readers = {".csv": read_csv, ".json": read_json_list}
+        self.rows = readers.get(self.path.suffix, read_jsonl)(text)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -146,10 +149,10 @@ class FileDataset(Dataset):
         row = self.rows[index]
         if not isinstance(row, dict):
             return skip_marker(f"{self.path.name}:{index}", "bad_line")
-        key = str(row.get("key") or f"{self.path.name}:{index}")
+        key = str(row.get("key") or row.get("id") or f"{self.path.name}:{index}")
         image = pick(row, self.image_column, IMAGE_COLUMNS)
         image = self.root / image if isinstance(image, str) and image else None
-        messages = row.get("messages")
+        messages = row.get("messages") or row.get("conversations")
         if isinstance(messages, str):  # CSV cell
             try:
                 messages = json.loads(messages)
@@ -174,6 +177,17 @@ def read_jsonl(text: str) -> list:
             row = None
         rows.append(row if isinstance(row, dict) else None)
     return rows
+
+
+def read_json_list(text: str) -> list:
+    """A ``.json`` file holding a list of records; a file that is not one reads as one bad line."""
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        return [None]
+    if not isinstance(rows, list):
+        return [None]
+    return [row if isinstance(row, dict) else None for row in rows]
 
 
 def read_csv(text: str) -> list:

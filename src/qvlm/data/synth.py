@@ -63,7 +63,7 @@ class SceneObject:
 class Scene:
     objects: tuple[SceneObject, ...]  # in POSITIONS order
     background: int
-    qa: tuple[tuple[str, str], ...]
+    qa: tuple[tuple[str, str, str], ...]  # (question, answer, type)
 
     def attributes(self) -> dict:
         attrs: dict = {p: None for p in POSITIONS}
@@ -76,8 +76,8 @@ class Scene:
 
     def messages(self) -> list[dict]:
         chat = []
-        for q, a in self.qa:
-            chat += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        for q, a, kind in self.qa:
+            chat += [{"role": "user", "content": q, "type": kind}, {"role": "assistant", "content": a}]
         return chat
 
 
@@ -122,29 +122,30 @@ def make_scene(seed: int, split: str, index: int, heldout=DEFAULT_HELDOUT) -> Sc
     return Scene(tuple(objects), background, qa)
 
 
-def questions(objects: list[SceneObject], seen, rng: random.Random) -> tuple[tuple[str, str], ...]:
-    """The count question plus up to two others drawn from what the scene can answer unambiguously."""
+def questions(objects: list[SceneObject], seen, rng: random.Random) -> tuple[tuple[str, str, str], ...]:
+    """The count question plus up to two others drawn from what the scene can answer unambiguously;
+    each (question, answer, type), type one of count, shape, colour, size, yes/no."""
     shapes = [o.shape for o in objects]
     pool = []
     for o in objects:
         where = PHRASES[o.position]
-        pool.append((f"what shape is {where}?", o.shape))
-        pool.append((f"what colour is the object {where}?", o.color))
+        pool.append((f"what shape is {where}?", o.shape, "shape"))
+        pool.append((f"what colour is the object {where}?", o.color, "colour"))
         if shapes.count(o.shape) == 1:
-            pool.append((f"what colour is the {o.shape}?", o.color))
-            pool.append((f"what size is the {o.shape}?", o.size))
+            pool.append((f"what colour is the {o.shape}?", o.color, "colour"))
+            pool.append((f"what size is the {o.shape}?", o.size, "size"))
     present = {(o.color, o.shape) for o in objects}
     color, shape = rng.choice(sorted(present))
-    pool.append((f"is there a {color} {shape}?", "yes"))
+    pool.append((f"is there a {color} {shape}?", "yes", "yes/no"))
     absent = [p for p in seen if p not in present]
     if absent:
         color, shape = rng.choice(absent)
-        pool.append((f"is there a {color} {shape}?", "no"))
+        pool.append((f"is there a {color} {shape}?", "no", "yes/no"))
     empty = [p for p in POSITIONS if p not in {o.position for o in objects}]
     if empty:
-        pool.append((f"is there anything {PHRASES[rng.choice(empty)]}?", "no"))
+        pool.append((f"is there anything {PHRASES[rng.choice(empty)]}?", "no", "yes/no"))
     picked = rng.sample(pool, min(QA_PER_IMAGE - 1, len(pool)))
-    return (("how many objects are there?", NUMBERS[len(objects)]), *picked)
+    return (("how many objects are there?", NUMBERS[len(objects)], "count"), *picked)
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:

@@ -143,12 +143,24 @@ def evaluate(out: Path, cfg, n_eval: int, progress: bool, model=None) -> dict:
     describe = describer(model, cfg, progress)
     test, test_samples = evaluate_captions(describe, cfg, split="test", max_samples=n_eval)
     held, held_samples = evaluate_captions(describe, cfg, split="heldout", max_samples=n_eval, coco=False)
+    vqa = held_out_vqa(model, cfg, n_eval, progress)
     retention = retention_report(model.llm)
     if (out / "model").exists():
         shutil.rmtree(out / "model")
     shutil.copytree(out / "stage2" / "model", out / "model")
-    return {"test": test, "heldout": held, "retention": retention,
+    return {"test": test, "heldout": held, "vqa": vqa, "retention": retention,
             "samples": {"test": test_samples, "heldout": held_samples}}
+
+
+def held_out_vqa(model, cfg, n_eval: int, progress: bool) -> dict:
+    """Answers to the held-out scenes' questions (count, shape, colour, size, yes/no), each asked alone."""
+    from qvlm.eval.vqa import evaluate_vqa
+    from qvlm.inference import answer_questions
+
+    def answer(images, questions):
+        return answer_questions(model, images, questions, cfg.eval.batch_size, 8, progress)
+
+    return evaluate_vqa(answer, cfg, split="heldout", max_samples=n_eval)
 
 
 def summary(vision: dict, stage1: dict, results: dict, wall_s: float) -> dict:
@@ -165,6 +177,8 @@ def summary(vision: dict, stage1: dict, results: dict, wall_s: float) -> dict:
             "meteor": test.get("meteor"), "rouge_l": test["rouge_l"], "n": test["n"],
             "heldout_color_shape_acc": held["color_shape_acc"], "heldout_count_acc": held["count_acc"],
             "heldout_exact_match": held["exact_match"], "heldout_n": held["n"],
+            "heldout_vqa_accuracy": results["vqa"]["vqa_accuracy"], "heldout_vqa_n": results["vqa"]["n"],
+            "heldout_vqa_by_type": {t: v["accuracy"] for t, v in results["vqa"]["by_type"].items()},
         },
         "retention": {k: ret[k] for k in ("ppl_base", "ppl_adapted", "ppl_ratio", "facts_kept", "facts_total",
                                           "facts_base")},

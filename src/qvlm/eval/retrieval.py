@@ -155,7 +155,7 @@ def load_records(cfg, source: str | None, split: str, max_samples: int) -> list[
     if source is None:
         raise ValueError("data.source is a stream of tar shards with no test split: set eval.data "
                          "(or pass --data) to evaluate on held-out records")
-    return list(iter_records(open_data(cfg, source, split), limit=max_samples))
+    return list(iter_records(open_data(cfg, source, split), limit=max_samples, images_only=True))
 
 
 def eval_source(cfg) -> str | None:

@@ -110,6 +110,8 @@ class VLM(nn.Module):
         """A batch's frozen features: cached ones when it has them, else the tower run on its pixels."""
         if "image_embeds" in batch:
             return batch["image_embeds"].float()  # (B, N, Dv), fp16 in the cache
+        if not len(batch["pixel_values"]):  # a batch of text-only conversations
+            return batch["pixel_values"].new_zeros(0, self.vision.num_tokens, self.vision.width)
         return self.image_features(batch["pixel_values"])  # (B, N, Dv)
 
     def image_tokens(self, image_embeds: Tensor) -> Tensor:
@@ -126,7 +128,8 @@ class VLM(nn.Module):
                 labels: Tensor | None = None) -> VLMOutput:
         """LLM forward with the image tokens placed where ``image_mask`` (B, T) is True.
 
-        Each row of ``image_mask`` must mark exactly Q positions (the collator reserves them).
+        Each row of ``image_mask`` marks Q positions (the collator reserves them), or none in a
+        text-only row; the image inputs are those of the rows with an image, in order.
         """
         embeds, tokens = self.input_embeds(input_ids, image_mask, pixel_values, image_embeds)
         with self.llm.lora_positions(image_mask):  # position-limited adapters: from the image slots
@@ -144,20 +147,25 @@ class VLM(nn.Module):
             if pixel_values is None:
                 raise ValueError("give pixel_values or image_embeds")
             image_embeds = self.image_features(pixel_values)
-        tokens = self.image_tokens(image_embeds)  # (B, Q, Dlm)
+        if image_embeds.shape[0]:
+            tokens = self.image_tokens(image_embeds)  # (B', Q, Dlm): the rows with an image
+        else:  # text-only rows only
+            tokens = self.llm.embed(input_ids[:0, :1]).expand(0, self.qformer.num_queries, -1)
         return self.merge(self.llm.embed(input_ids), tokens, image_mask, image_positions), tokens
 
     @staticmethod
     def merge(text_embeds: Tensor, image_tokens: Tensor, image_mask: Tensor,
               positions: Tensor | None = None) -> Tensor:
-        """Scatter (B, Q, D) image tokens into the (B, T, D) text embeddings at ``image_mask``.
+        """Scatter (B', Q, D) image tokens into the (B, T, D) text embeddings at ``image_mask``: the
+        B' rows with an image, in order (a text-only row marks no position).
         ``positions``: ``image_mask.nonzero().T`` (2, B*Q), found and checked beforehand (the stage-2
         collator does, on the CPU): then the scatter is by index and nothing waits for the device."""
         b, q, _ = image_tokens.shape
         if positions is None:  # found here, on the device
             counts = image_mask.sum(dim=1)
-            if not torch.all(counts == q):
-                raise ValueError(f"image_mask must mark exactly {q} positions per row, got {counts.tolist()}")
+            if not torch.all((counts == q) | (counts == 0)) or int((counts == q).sum()) != b:
+                raise ValueError(f"image_mask must mark {q} positions in each of {b} rows with an image (none in "
+                                 f"a text-only row), got {counts.tolist()}")
             positions = image_mask.nonzero().T  # (2, B*Q)
         elif positions.shape != (2, b * q):
             raise ValueError(f"image_positions must be (2, {b * q}) for {b} rows of {q} image tokens, got "

@@ -21,12 +21,11 @@ import torch
 from torch import Tensor
 
 from qvlm.inference import default_prompts
-from qvlm.prompt import end_of_turn_ids
 from qvlm.models.generate import GenerationConfig, generate_from_images, pad_left
-from qvlm.prompt import PromptError, build_example
+from qvlm.prompt import PromptError, build_chat, end_of_turn_ids
 from qvlm.serve.batcher import Job
 from qvlm.serve.images import load_image
-from qvlm.serve.schemas import ChatRequest, Limits, bad
+from qvlm.serve.schemas import IMAGE_SLOT, ChatRequest, Limits, bad
 
 CHARS_PER_TOKEN_CAP = 16  # text longer than max_prompt_tokens x this is refused before tokenising
 
@@ -158,18 +157,16 @@ class Engine:
     def prepare(self, req: ChatRequest) -> Prepared:
         """Decode the image and render the prompt; ``APIError`` for anything over a limit."""
         lim = self.limits
-        default_system, default_user = default_prompts(self.vlm)
-        user = req.user or default_user
-        system = req.system if req.system is not None else default_system
-        chars = len(user) + len(system or "")
+        messages = self.conversation(req)
+        chars = sum(len(m["content"]) for m in messages)
         if chars > lim.max_prompt_tokens * CHARS_PER_TOKEN_CAP:
             raise too_many_tokens(f"the prompt is {chars} characters; this server takes at most "
                                   f"{lim.max_prompt_tokens} tokens")
         cfg = self.vlm.config.model.llm
         try:
             with self.tokenizer_lock:
-                example = build_example(self.tokenizer, self.vlm.qformer.num_queries, user, None, system,
-                                        cfg.image_placeholder, image_position=cfg.image_position)
+                example = build_chat(self.tokenizer, self.vlm.qformer.num_queries, messages, cfg.image_placeholder,
+                                     image_position=cfg.image_position)
         except PromptError as exc:
             raise bad(f"the prompt cannot be rendered: {exc}", param="messages") from exc
         n = len(example.input_ids)
@@ -185,6 +182,20 @@ class Engine:
         image = load_image(req.image_url, lim)
         pixels = self.vlm.vision.processor([image])  # (1, 3, H, W)
         return Prepared(example.input_ids, example.image_mask, pixels, req.max_tokens or room, req.stop)
+
+    def conversation(self, req: ChatRequest) -> list[dict]:
+        """The request's turns for the chat template: the default system prompt when it has none, the
+        image placeholder in the turn with the image, the default user prompt for a last turn that
+        holds only the image."""
+        default_system, default_user = default_prompts(self.vlm)
+        system = req.system if req.system is not None else default_system
+        placeholder = self.vlm.config.model.llm.image_placeholder
+        turns = [dict(t) for t in req.messages]
+        if turns[-1]["content"] in ("", IMAGE_SLOT):
+            turns[-1]["content"] += default_user
+        for t in turns:
+            t["content"] = t["content"].replace(placeholder, "").replace(IMAGE_SLOT, f"{placeholder}\n")
+        return ([{"role": "system", "content": system}] if system else []) + turns
 
     def generation_config(self, req: ChatRequest, max_new_tokens: int) -> GenerationConfig:
         sample = req.temperature > 0

@@ -5,9 +5,10 @@ one ``APIError`` with OpenAI's error shape, the offending ``param`` and a 4xx st
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
 
-What the model can use: the system (or developer) turns, the LAST user turn's text, and exactly one
-image from ``image_url`` parts of the user turns (earlier turns are not replayed, like ``VLM.chat``).
-An image without text asks the model's default user prompt (a caption).
+What the model reads: the whole conversation, replayed through the chat template (system and
+developer turns joined into one system turn first, then every user and assistant turn), and
+exactly one image from the ``image_url`` parts of the user turns, placed in the turn that carries
+it. A last user turn with an image and no text asks the model's default user prompt (a caption).
 Reference: https://platform.openai.com/docs/api-reference/chat/create
 """
 
@@ -74,7 +75,7 @@ class ChatRequest:
     """What the server needs from one chat-completions request (validated, limits applied)."""
 
     image_url: str
-    user: str | None  # None: the model's default user prompt
+    messages: list[dict]  # user and assistant turns ({"role", "content"}); IMAGE_SLOT marks the image
     system: str | None  # None: the model's default system prompt
     max_tokens: int | None  # None: as many as the limits and the context allow
     temperature: float = 0.0  # 0 = greedy
@@ -160,14 +161,16 @@ def _image_url(part: dict, where: str) -> str:
     return url
 
 
-def parse_messages(messages: Any) -> tuple[str, str | None, str | None]:
-    """(the one image URL, the last user turn's text or None, the system text or None)."""
+IMAGE_SLOT = "\x00image\x00"  # where the image goes in the parsed turns (the engine puts the placeholder)
+
+
+def parse_messages(messages: Any) -> tuple[str, list[dict], str | None]:
+    """(the one image URL, the user and assistant turns, the system text or None)."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of chat messages", param="messages")
     images: list[str] = []
     systems: list[str] = []
-    user: str | None = None
-    seen_user = False
+    turns: list[dict] = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
@@ -194,14 +197,17 @@ def parse_messages(messages: Any) -> tuple[str, str | None, str | None]:
         text = "\n".join(t for t in texts if t.strip()).strip()
         if role in ("system", "developer") and text:
             systems.append(text)
-        elif role == "user":
-            seen_user, user = True, text or None
-    if not seen_user:
+        elif role in ("user", "assistant"):
+            with_image = role == "user" and len(images) > sum(IMAGE_SLOT in t["content"] for t in turns)
+            turns.append({"role": role, "content": f"{IMAGE_SLOT}{text}" if with_image else text})
+    if not any(t["role"] == "user" for t in turns):
         raise bad("'messages' needs at least one user message", param="messages")
     if len(images) != 1:
         raise bad(f"this model answers about exactly one image per conversation; got {len(images)} image_url "
                   "parts (send the image as a data: URL in a user message)", param="messages", code="image_count")
-    return images[0], user, "\n\n".join(systems) or None
+    if turns[-1]["role"] != "user":
+        raise bad("the last message must be a user message (the model answers it)", param="messages")
+    return images[0], turns, "\n\n".join(systems) or None
 
 
 def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
@@ -213,7 +219,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("'model' must be a string", param="model")
-    image_url, user, system = parse_messages(body["messages"])
+    image_url, turns, system = parse_messages(body["messages"])
     n = _optional_int(body, "n", 1)
     if n not in (None, 1):
         raise bad("only n=1 is supported", param="n")
@@ -229,7 +235,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if seed is not None and not _is_int(seed):
         raise bad("'seed' must be an integer", param="seed")
     return ChatRequest(
-        image_url=image_url, user=user, system=system, max_tokens=max_tokens,
+        image_url=image_url, messages=turns, system=system, max_tokens=max_tokens,
         temperature=_optional_number(body, "temperature", 0.0, 2.0, default=0.0),
         top_p=_optional_number(body, "top_p", 0.0, 1.0, default=1.0, lo_open=True),
         stop=_stop(body), seed=seed, stream=_optional_bool(body, "stream"),
