@@ -201,9 +201,9 @@ def cmd_cache_features(args: argparse.Namespace) -> int:
 def cmd_pretrain_vision(args: argparse.Namespace) -> int:
     from qvlm.demo.vision_pretrain import run_pretrain_vision
 
-    metrics = run_pretrain_vision(args.out, seed=args.seed, max_seconds=args.max_seconds,
+    metrics = run_pretrain_vision(args.out, seed=args.seed, max_steps=args.max_steps, max_seconds=args.max_seconds,
                                   target_acc=args.target_acc, readout=args.readout, grey_view=args.grey_view,
-                                  progress=not args.json)
+                                  bf16=args.precision == "bf16", progress=not args.json)
     if args.json:
         print_json(metrics)
     else:
@@ -301,7 +301,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from qvlm.demo.runner import run_demo
 
-    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, resume=args.resume)
+    metrics = run_demo(args.out, quick=args.quick, progress=not args.no_progress, resume=args.resume,
+                       precision=args.precision)
     if args.json:
         print_json(metrics)
     else:
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--quick", action="store_true", help="tiny random models, seconds (a smoke test)")
     p.add_argument("--resume", action="store_true", help="reuse finished steps in --out, continue an interrupted one")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="every stage, the tower's pretraining included; auto: bf16 where the CPU has it "
+                        "(AVX512-BF16 or AMX), else fp32; bf16 on a CPU without it is refused")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_demo)
@@ -467,7 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain-vision", help="train the offline demo's small vision tower on synthetic scenes")
     p.add_argument("--out", default="runs/vision", help="HF-format folder for model.vision.source")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=150.0, help="time budget, rendering included")
+    p.add_argument("--max-steps", type=int, default=600, help="training steps (the learning-rate schedule's length)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="also stop after this many seconds of training (the tower then depends on the machine)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32", help="bf16 autocast or fp32")
     p.add_argument("--target-acc", type=float, default=0.99,
                    help="stop early once a held-in check reaches this accuracy (> 1 = use the whole budget)")
     p.add_argument("--readout", choices=["spatial", "flat", "bound"], default="spatial",

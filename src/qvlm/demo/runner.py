@@ -44,6 +44,32 @@ def keep_freed_memory() -> bool:
             and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1)  # a C int: the largest, 2 GiB
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides a step's speed here
+
+
+def cpu_features() -> list[str]:
+    """The CPU_FLAGS this machine's CPU has (from /proc/cpuinfo; none where it is absent)."""
+    info = Path("/proc/cpuinfo")
+    flags = set(info.read_text().split()) if info.is_file() else set()
+    return [f for f in CPU_FLAGS if f in flags]
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 where the CPU (or GPU) has it, else fp32; ``bf16`` without it is a usage error."""
+    import torch
+
+    from qvlm.config import ConfigError
+    from qvlm.demo.vision_pretrain import has_cpu_bf16
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
+    has = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else has_cpu_bf16()
+    if precision == "bf16" and not has:
+        raise ConfigError("--precision bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so "
+                          "bf16 would be emulated and slower; use --precision fp32 (or auto)")
+    return ("bf16" if has else "fp32") if precision == "auto" else precision
+
+
 def load_plan(quick: bool = False) -> dict:
     """The full or the quick plan from the package's ``plan.yaml`` (keys: config, vision, shared,
     stage1, stage2, n_eval)."""
@@ -66,26 +92,33 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume: bool = False) -> dict:
+def run_demo(out: str | Path, quick: bool = False, progress: bool = True, resume: bool = False,
+             precision: str = "auto") -> dict:
     """Run the pipeline into ``out``; with ``resume`` finished steps are reused (the vision tower,
-    a stage whose model folder exists) and an interrupted stage continues from its checkpoint."""
+    a stage whose model folder exists) and an interrupted stage continues from its checkpoint.
+    ``precision`` (auto, bf16, fp32) holds for every stage, the tower's pretraining included."""
+    import torch
+
     from qvlm.demo.vision_pretrain import run_pretrain_vision
     from qvlm.eval.retrieval import evaluate_retrieval
     from qvlm.train.loop import train
 
+    precision = resolve_precision(precision)
     keep_freed_memory()
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = load_plan(quick)
+    log(f"precision {precision}; CPU features: {', '.join(cpu_features()) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+        f"{torch.get_num_threads()} threads")
     log("1/5 pretraining the demo vision tower on synthetic scenes")
     if resume and (out / "vision" / "metrics.json").is_file():
         vision = json.loads((out / "vision" / "metrics.json").read_text())
     else:
-        vision = run_pretrain_vision(out / "vision", progress=progress, **plan["vision"])
+        vision = run_pretrain_vision(out / "vision", progress=progress, bf16=precision == "bf16", **plan["vision"])
     grey_view = bool(vision.get("settings", {}).get("grey_view", False))  # how the tower was trained
     common = [f"model.vision.source={out / 'vision'}", f"model.vision.grey_view={str(grey_view).lower()}",
-              f"data.cache_dir={out / 'cache'}", *plan["shared"]]
+              f"data.cache_dir={out / 'cache'}", f"train.precision={precision}", *plan["shared"]]
     cfg1 = stage_config(out, plan, 1, common)
     log(f"2/5 stage 1: Q-Former with {' + '.join(k.upper() for k, w in cfg1.train.losses.items() if w > 0)}")
     stage1 = finished_eval(out / "stage1") if resume else None

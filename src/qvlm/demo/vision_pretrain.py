@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +226,8 @@ def build_tower(image_size: int, patch_size: int, hidden_size: int, num_layers: 
 
 
 def lr_at_progress(progress: float, base_lr: float, warmup: float = 0.05, min_ratio: float = 0.05) -> float:
-    """Learning rate at ``progress`` in [0, 1] of the budget (steps or seconds, whichever runs out
-    first): linear warm-up over the first ``warmup``, then cosine down to ``base_lr * min_ratio``."""
+    """Learning rate at ``progress`` in [0, 1] of the step budget: linear warm-up over the first
+    ``warmup``, then cosine down to ``base_lr * min_ratio``."""
     progress = min(max(progress, 0.0), 1.0)
     if progress < warmup:
         return base_lr * max(progress / warmup, 0.01)
@@ -269,49 +268,6 @@ def evaluate(tower, readout: nn.Module, pixels: Tensor, targets: Tensor, process
         scene = attribute_accuracy(torch.cat(scene_preds), targets)
         out.update(scene_attr_acc=scene["attr_acc"], scene_object_acc=scene["object_acc"])
     return out
-
-
-class ThreadPicker:
-    """Runs each step on 1 or on all intra-op threads, whichever was faster when last timed.
-
-    When other processes share the cores, several OpenMP threads can be much slower than 1 (each
-    barrier waits for a descheduled thread); on idle cores they are faster. The choice in use is
-    rated by its fastest of the last 3 steps (one slow step does not flip it); the other is probed
-    for one step ``every`` steps on, twice as long after each lost probe (at most ``4 * every``).
-    Step 0, the warm-up, runs on 1 thread (cheap whatever the load) and is not timed.
-    """
-
-    def __init__(self, every: int = 50):
-        self.full = torch.get_num_threads()
-        self.choices = sorted({1, self.full})
-        self.every = every
-        self.recent: dict[int, deque] = {}  # threads -> seconds of its last (up to 3) timed steps
-        self.interval = dict.fromkeys(self.choices, every)
-        self.next_probe = dict.fromkeys(self.choices, 1)
-
-    def threads_for(self, step: int) -> int:
-        if step == 0:
-            return self.choices[0]
-        best = self.best()
-        probes = [c for c in self.choices if c != best and step >= self.next_probe[c]]
-        return probes[0] if probes else best
-
-    def best(self) -> int:
-        return min(self.recent, key=lambda c: min(self.recent[c])) if self.recent else self.full
-
-    def record(self, threads: int, step: int, seconds: float) -> None:
-        if step == 0:
-            return
-        if threads == self.best() and threads in self.recent:
-            self.recent[threads].append(seconds)
-        else:  # a probe: only its fresh timing counts
-            self.recent[threads] = deque([seconds], maxlen=3)
-        lost = threads != self.best()
-        self.interval[threads] = min(2 * self.interval[threads], 4 * self.every) if lost else self.every
-        self.next_probe[threads] = step + self.interval[threads]
-
-    def seconds(self) -> dict[str, float]:
-        return {str(c): round(min(t), 3) for c, t in self.recent.items()}
 
 
 def grey_split(pixel_values: Tensor, targets: Tensor, grey: Tensor,
@@ -360,43 +316,35 @@ def build_optimizer(tower, readout: nn.Module, lr: float, weight_decay: float) -
 
 
 def train_readout(tower, readout: nn.Module, pool: tuple[Tensor, Tensor], check: tuple[Tensor, Tensor],
-                  processor: ImageProcessor, *, max_seconds: float, max_steps: int | None, batch_size: int,
-                  lr: float, weight_decay: float, target_acc: float, seed: int, progress: bool,
-                  grey_view: bool = False) -> dict:
-    """The loop: lr from the budget used, a batch sampled from the pool, a step; every CHECK_EVERY
-    steps a held-in check that may stop early at ``target_acc``. Leaves the faster thread count set."""
+                  processor: ImageProcessor, *, max_steps: int, batch_size: int, lr: float, weight_decay: float,
+                  target_acc: float, seed: int, progress: bool, grey_view: bool = False, bf16: bool = False,
+                  max_seconds: float | None = None) -> dict:
+    """The loop: lr from the steps done, a batch sampled from the pool, a step; every CHECK_EVERY
+    steps a held-in check that may stop early at ``target_acc``. What is trained depends on the
+    steps only; ``max_seconds`` (off in the demo) is a cap for a standalone run that may end it early."""
     opt = build_optimizer(tower, readout, lr, weight_decay)
-    autocast, picker = has_cpu_bf16(), ThreadPicker(CHECK_EVERY)
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=max_steps, desc="pretrain-vision", file=sys.stderr, disable=not progress)
     start, step, check_acc = time.perf_counter(), 0, float("nan")
     tower.train()
-    while True:
-        used = max((time.perf_counter() - start) / max_seconds, step / max_steps if max_steps else 0.0)
-        if used >= 1.0:
-            break
+    while step < max_steps and (max_seconds is None or time.perf_counter() - start < max_seconds):
         for group in opt.param_groups:
-            group["lr"] = lr_at_progress(used, lr)
-        threads = picker.threads_for(step)
-        torch.set_num_threads(threads)
+            group["lr"] = lr_at_progress(step / max_steps, lr)
         idx = torch.randint(len(pool[0]), (batch_size,), generator=gen)
         grey = torch.rand(batch_size, generator=gen) < 0.5 if grey_view else None  # (B,)
-        tic = time.perf_counter()
-        losses = train_step(tower, readout, opt, pool[0][idx], pool[1][idx], processor, autocast, grey)
-        picker.record(threads, step, time.perf_counter() - tic)
+        losses = train_step(tower, readout, opt, pool[0][idx], pool[1][idx], processor, bf16, grey)
         step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{group['lr']:.1e}", threads=threads,
-                        check=f"{check_acc:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{losses['loss'].item():.3f}", lr=f"{group['lr']:.1e}", check=f"{check_acc:.3f}",
+                        refresh=False)
         if step % CHECK_EVERY == 0:
-            torch.set_num_threads(picker.best())
             check_acc = evaluate(tower, readout, *check, processor, grey_view=grey_view)["attr_acc"]
             if check_acc >= target_acc:
                 break
     bar.close()
-    torch.set_num_threads(picker.best())
-    return {"steps": step, "train_s": round(time.perf_counter() - start, 1), "check_acc": check_acc,
-            "bf16": autocast, "step_s": picker.seconds()}
+    train_s = time.perf_counter() - start
+    return {"steps": step, "train_s": round(train_s, 1), "check_acc": check_acc, "bf16": bf16,
+            "step_s": round(train_s / max(step, 1), 3)}
 
 
 def save_tower(out: Path, tower, readout: nn.Module, processor: ImageProcessor, metrics: dict) -> None:
@@ -426,21 +374,21 @@ def save_tower(out: Path, tower, readout: nn.Module, processor: ImageProcessor, 
 
 def run_pretrain_vision(out: str | Path, *, seed: int = 0, image_size: int = 64, patch_size: int = 8,
                         hidden_size: int = 192, num_layers: int = 4, num_heads: int = 4,
-                        max_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 32,
+                        max_steps: int = 600, max_seconds: float | None = None, batch_size: int = 32,
                         lr: float = 5e-4, weight_decay: float = 0.05, n_train: int = 12000,
                         n_eval: int = 400, target_acc: float = 0.99, readout: str = "spatial",
-                        grey_view: bool = False, progress: bool = True) -> dict:
+                        grey_view: bool = False, bf16: bool = False, progress: bool = True) -> dict:
     """Train the demo vision tower and save it to ``out``; returns the metrics (also in metrics.json).
 
-    Renders ``n_train`` train-split scenes, then trains on them until ``max_seconds`` after the call
-    began (rendering included; the final evaluation and save add a few seconds) or ``max_steps``,
-    whichever comes first, or earlier once the held-in check reaches ``target_acc`` (> 1: never).
+    Renders ``n_train`` train-split scenes, then trains on them for ``max_steps`` (bf16 autocast with
+    ``bf16``), or fewer once the held-in check reaches ``target_acc`` (> 1: never) or when
+    ``max_seconds`` of training have passed (None: no time cap, the same tower on any machine).
     Then reports ``attribute_accuracy`` on ``n_eval`` i.i.d. test-split images (``attr_acc``) and on
     ``n_eval`` held-out-pair images (``heldout_attr_acc``). Nothing is written unless the run succeeds.
     ``grey_view``: train and evaluate for ``model.vision.grey_view`` (module docstring).
     """
     settings = {k: v for k, v in locals().items() if k not in ("out", "progress")}  # the arguments
-    if max_seconds <= 0 or (max_steps is not None and max_steps < 1) or min(batch_size, n_train, n_eval) < 1:
+    if (max_seconds is not None and max_seconds <= 0) or min(max_steps, batch_size, n_train, n_eval) < 1:
         raise ValueError("max_seconds, max_steps, batch_size, n_train and n_eval must be positive")
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
@@ -453,17 +401,12 @@ def run_pretrain_vision(out: str | Path, *, seed: int = 0, image_size: int = 64,
     pool = render_pool(seed, "train", 0, n_train, processor)
     check = render_pool(seed, "train", n_train, N_CHECK, processor)
     render_s = time.perf_counter() - wall
-    threads, budget = torch.get_num_threads(), max(max_seconds - render_s, 1.0)  # seconds left to train
-    try:
-        run = train_readout(tower, readout, pool, check, processor, max_seconds=budget,
-                            max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                            target_acc=target_acc, seed=seed, progress=progress, grey_view=grey_view)
-        test = evaluate(tower, readout, *render_pool(seed, "test", 0, n_eval, processor), processor,
-                        grey_view=grey_view)
-        heldout = evaluate(tower, readout, *render_pool(seed, "heldout", 0, n_eval, processor), processor,
-                           grey_view=grey_view)
-    finally:
-        torch.set_num_threads(threads)
+    run = train_readout(tower, readout, pool, check, processor, max_steps=max_steps, max_seconds=max_seconds,
+                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, target_acc=target_acc, seed=seed,
+                        progress=progress, grey_view=grey_view, bf16=bf16)
+    test = evaluate(tower, readout, *render_pool(seed, "test", 0, n_eval, processor), processor, grey_view=grey_view)
+    heldout = evaluate(tower, readout, *render_pool(seed, "heldout", 0, n_eval, processor), processor,
+                       grey_view=grey_view)
     metrics = {"attr_acc": test["attr_acc"], "heldout_attr_acc": heldout["attr_acc"],
                "object_acc": test["object_acc"], "heldout_object_acc": heldout["object_acc"],
                "shape_acc": test["shape_acc"], "heldout_shape_acc": heldout["shape_acc"],
