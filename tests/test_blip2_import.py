@@ -249,3 +249,19 @@ def test_hub_layout_of_the_tower_biases_is_read(retrieval, tmp_path):
     same = score(VLM.from_pretrained(root / "model"), imgs, TEXTS)  # the key bias changes no score
     torch.testing.assert_close(ours.itc, same.itc, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.itm, same.itm, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_and_leaves_nothing(retrieval, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _, root, _ = retrieval
+    import shutil
+
+    folder = tmp_path / "short"
+    shutil.copytree(root / "hf", folder)
+    state = load_file(folder / "model.safetensors")
+    del state["qformer.encoder.layer.1.attention.output.dense.weight"]
+    save_file(state, folder / "model.safetensors")
+    assert main(["import", "blip2", str(folder), "--out", str(tmp_path / "m")]) == 2
+    assert "qformer.encoder.layer.1.attention.output.dense.weight" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short"]  # no model, no .partial folder

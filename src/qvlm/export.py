@@ -106,11 +106,14 @@ def export_transformers(model_dir: str | Path, out: Path) -> dict:
     hf.generation_config.suppress_tokens = [config.image_token_index]
     partial = out.with_name(out.name + ".partial")  # written whole, then moved: no half-written export
     shutil.rmtree(partial, ignore_errors=True)
-    hf.save_pretrained(partial)
-    processor(vlm, tokenizer).save_pretrained(partial)
-    (partial / "README.md").write_text(model_card(vlm, out), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)  # empty (export_model checked)
-    partial.rename(out)
+    try:
+        hf.save_pretrained(partial)
+        processor(vlm, tokenizer).save_pretrained(partial)
+        (partial / "README.md").write_text(model_card(vlm, out), encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)  # empty (export_model checked)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return {"out": str(out), "format": "transformers", "image_token_index": config.image_token_index,
             "num_query_tokens": q.num_queries, "files": sorted(p.name for p in out.iterdir())}
 

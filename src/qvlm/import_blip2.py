@@ -48,14 +48,17 @@ def import_blip2(source: str, out: str | Path, overwrite: bool = False) -> dict:
     has_heads = all(f"{hf}.weight" in tensors for hf in HEADS.values())
     partial = out.with_name(out.name + ".partial")  # written whole, then moved: no half-written model
     shutil.rmtree(partial, ignore_errors=True)
-    write_tower(folder, config, tensors, partial / "base" / "vision")
-    if has_text:
-        write_tokenizer(folder, config, partial / "base" / "qformer-tokenizer")
-    model = VLM.from_config(imported_config(config, partial, has_text), with_llm=False)
-    model.load_trainable_state(imported_state(model, tensors, has_text, has_heads), strict=False)
-    model.save_pretrained(partial)
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+    try:
+        write_tower(folder, config, tensors, partial / "base" / "vision")
+        if has_text:
+            write_tokenizer(folder, config, partial / "base" / "qformer-tokenizer")
+        model = VLM.from_config(imported_config(config, partial, has_text), with_llm=False)
+        model.load_trainable_state(imported_state(model, tensors, has_text, has_heads), strict=False)
+        model.save_pretrained(partial)
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     fresh = ["heads.lm_head (ITG head: absent from transformers' BLIP-2 checkpoints)",
              f"heads.temp (ITC temperature: qvlm's default {model.heads.temp.item():.2f})"]
     if not has_heads:
