@@ -121,9 +121,13 @@ def test_tiny_vlm_composition_shapes(tiny_vlm_session):
               pixel_values=pixels, labels=ids)
     assert out.logits.shape == (2, t, len(vlm.llm.tokenizer))
     assert out.loss is not None and torch.isfinite(out.loss)
-    with pytest.raises(ValueError, match="exactly"):
+    with pytest.raises(ValueError, match="must mark 4 positions in each of 2 rows"):  # two images, no slots
         vlm(input_ids=ids, attention_mask=torch.ones_like(ids), image_mask=torch.zeros_like(image_mask),
             pixel_values=pixels)
+    half = image_mask.clone()
+    half[0, 2] = False  # a row with some of its slots: never valid
+    with pytest.raises(ValueError, match="got \\[3, 4\\]"):
+        vlm(input_ids=ids, attention_mask=torch.ones_like(ids), image_mask=half, pixel_values=pixels)
 
 
 def test_only_qformer_projector_lora_get_gradients(tiny_vlm_session):
