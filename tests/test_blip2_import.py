@@ -217,6 +217,9 @@ def test_imported_model_trains_stage2_and_stage1_and_evaluates(retrieval, tmp_pa
     tiny = str(CONFIGS / "tiny.yaml")
     assert main(["eval", "retrieval", "--model", str(model), "--data", "synth:n=16,image_size=32", "--json"]) == 0
     assert "i2t_r1" in json.loads(capsys.readouterr().out)
+    assert main(["eval", "classify", "--model", str(model), "--data", "synth:n=16,image_size=32", "--classes",
+                 "circle,square,triangle", "--template", "a {}", "--json"]) == 0
+    assert "accuracy" in json.loads(capsys.readouterr().out)
     common = ["train.max_steps=2", "eval.max_samples=0", f"train.init_from={model}"]
     assert main(["train", tiny, "--out", str(tmp_path / "s1"), *common]) == 0
     assert main(["train", tiny, "--out", str(tmp_path / "s2"), "train.stage=2", "train.freeze_qformer=true",
