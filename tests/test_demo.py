@@ -72,12 +72,12 @@ def test_demo_configs_read_nothing_but_the_run_folder(tmp_path, monkeypatch):
 
 
 def test_demo_precision_is_checked_and_reported(tmp_path, monkeypatch, capsys):
-    import qvlm.demo.vision_pretrain as vp
+    import qvlm.train.loop as loop
     from qvlm.demo.runner import resolve_precision
 
-    monkeypatch.setattr(vp, "has_cpu_bf16", lambda: False)  # a CPU without bf16 (AVX2 only)
+    monkeypatch.setattr(loop, "bf16_available", lambda device: False)  # a CPU without bf16 (AVX2 only)
     assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"
     assert main(["demo", "--out", str(tmp_path / "d"), "--quick", "--precision", "bf16", "--no-progress"]) == 2
     assert "no bf16 instructions" in capsys.readouterr().err and not (tmp_path / "d").exists()
-    monkeypatch.setattr(vp, "has_cpu_bf16", lambda: True)
+    monkeypatch.setattr(loop, "bf16_available", lambda device: True)
     assert resolve_precision("auto") == "bf16" and resolve_precision("fp32") == "fp32"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qvlm.config import ConfigError
+from qvlm.models.qformer import BLIP2_CONFIG_FIELDS
 from qvlm.models.vision import PIL_CODES, fit_blip2_attention_biases
 from qvlm.models.vlm import VLM
 from qvlm.prompt import end_of_turn_ids
@@ -163,9 +164,7 @@ def blip2_tower(tower) -> tuple:
 
 def qformer_fields(vlm: VLM) -> dict:
     b = vlm.qformer.bert_config
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-            "layer_norm_eps", "vocab_size", "max_position_embeddings", "pad_token_id")
-    return {k: getattr(b, k) for k in keys} | {
+    return {k: getattr(b, k) for k in BLIP2_CONFIG_FIELDS} | {
         "cross_attention_frequency": vlm.config.model.qformer.cross_attention_every,
         "encoder_hidden_size": vlm.vision.width, "use_qformer_text_input": False}
 

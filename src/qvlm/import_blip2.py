@@ -26,6 +26,7 @@ import torch
 
 from qvlm import model_sources as sources
 from qvlm.config import Config, validate
+from qvlm.models.qformer import BLIP2_CONFIG_FIELDS
 from qvlm.models.vision import fit_blip2_attention_biases
 from qvlm.models.vlm import VLM
 
@@ -172,10 +173,7 @@ def write_tokenizer(folder: Path, config, dest: Path) -> None:
 
 def bert_fields(q) -> dict:
     """The BERT config fields of a ``Blip2QFormerConfig``: the Q-Former's shape."""
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-            "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id",
-            "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
-    return {k: getattr(q, k) for k in keys} | {"type_vocab_size": 1}
+    return {k: getattr(q, k) for k in BLIP2_CONFIG_FIELDS} | {"type_vocab_size": 1}
 
 
 def imported_config(config, folder: Path, has_text: bool) -> Config:

@@ -60,18 +60,29 @@ def describe_embeds(vlm, image_embeds: Tensor, prompts: list[str] | None = None,
                                 on_step=on_step)
 
 
+def image_feats(vlm, images: list[Image.Image]) -> Tensor:
+    """RGB images -> the frozen tower's features (B, N, Dv), on the model's device."""
+    device = next(vlm.qformer.parameters()).device
+    return vlm.image_features(vlm.vision.processor(images).to(device))
+
+
 @torch.no_grad()
+def answer_in_batches(vlm, images: list[Image.Image], prompts: list[str] | None, gen: GenerationConfig | None,
+                      batch_size: int, progress: bool = False) -> list[str]:
+    """One answer per image, to its prompt (None: the model's first user prompt), ``batch_size`` at a time."""
+    texts: list[str] = []
+    for start in tqdm(range(0, len(images), batch_size), desc="answering", unit="batch", file=sys.stderr,
+                      disable=not progress):
+        feats = image_feats(vlm, images[start:start + batch_size])  # (B, N, Dv)
+        chunk = prompts[start:start + batch_size] if prompts else None
+        texts.extend(t.strip() for t in describe_embeds(vlm, feats, chunk, gen=gen).texts)
+    return texts
+
+
 def caption(vlm, images: list[Image.Image], prompt: str | None = None, gen: GenerationConfig | None = None,
             batch_size: int = 16) -> list[str]:
     """Captions for RGB images, generated in batches."""
-    texts: list[str] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        device = next(vlm.qformer.parameters()).device
-        feats = vlm.image_features(vlm.vision.processor(chunk).to(device))  # (B, N, Dv)
-        out = describe_embeds(vlm, feats, [prompt] * len(chunk) if prompt else None, gen=gen)
-        texts.extend(t.strip() for t in out.texts)
-    return texts
+    return answer_in_batches(vlm, images, [prompt] * len(images) if prompt else None, gen, batch_size)
 
 
 @torch.no_grad()
@@ -81,8 +92,8 @@ def chat(vlm, image: Image.Image, messages: str | list[dict], gen: GenerationCon
     template; the image goes in the user turn that holds the placeholder, else the first. Without a
     system turn the model's default system prompt is used."""
     ex = chat_example(vlm, [{"role": "user", "content": messages}] if isinstance(messages, str) else messages)
-    device = next(vlm.qformer.parameters()).device
-    feats = vlm.image_features(vlm.vision.processor([image]).to(device))
+    feats = image_feats(vlm, [image])
+    device = feats.device
     ids, mask = torch.tensor([ex.input_ids], device=device), torch.tensor([ex.image_mask], device=device)
     out = generate_from_images(vlm, feats, ids, torch.ones_like(ids), mask, gen or GenerationConfig(),
                                eos_token_ids=end_of_turn_ids(vlm.llm.tokenizer))
@@ -112,7 +123,7 @@ def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, ba
     device = next(vlm.qformer.parameters()).device
     texts: list[str] = []
     for start in range(0, len(images), batch_size):
-        feats = vlm.image_features(vlm.vision.processor(images[start:start + batch_size]).to(device))
+        feats = image_feats(vlm, images[start:start + batch_size])
         cache = vlm.qformer(image_embeds=feats, return_query_cache=True).query_cache
         ids = torch.full((feats.shape[0], 1), dec, device=device)  # (B, 1) -> (B, 1 + steps)
         for _ in range(min(max_new_tokens, q.max_text_len - 1)):
@@ -126,19 +137,11 @@ def qformer_caption(vlm, images: list[Image.Image], max_new_tokens: int = 32, ba
     return texts
 
 
-@torch.no_grad()
 def answer_questions(vlm, images: list[Image.Image], questions: list[str], batch_size: int = 16,
                      max_new_tokens: int = 16, progress: bool = False) -> list[str]:
     """Greedy answers, one per (image, question), each asked alone with the model's default system prompt."""
-    gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    out: list[str] = []
-    device = next(vlm.qformer.parameters()).device
-    for start in tqdm(range(0, len(images), batch_size), desc="answering", unit="batch", file=sys.stderr,
-                      disable=not progress):
-        feats = vlm.image_features(vlm.vision.processor(images[start:start + batch_size]).to(device))
-        answers = describe_embeds(vlm, feats, questions[start:start + batch_size], gen=gen).texts
-        out.extend(a.strip() for a in answers)
-    return out
+    return answer_in_batches(vlm, images, questions, GenerationConfig(max_new_tokens=max_new_tokens), batch_size,
+                             progress)
 
 
 @torch.no_grad()
@@ -183,7 +186,7 @@ def score(vlm, images: list[Image.Image], texts: list[str], batch_size: int = 32
     vlm.eval()
     try:
         device = next(vlm.qformer.parameters()).device
-        feats = torch.cat([vlm.image_features(vlm.vision.processor(images[i:i + batch_size]).to(device))
+        feats = torch.cat([image_feats(vlm, images[i:i + batch_size])
                            for i in range(0, len(images), batch_size)])  # (I, N, Dv)
         enc = qformer_tokenizer(vlm)(texts, padding="longest", truncation=True, return_tensors="pt",
                                      max_length=vlm.config.model.qformer.max_text_len).to(device)

@@ -28,6 +28,7 @@ from torch.utils.data import Sampler
 
 from qvlm.data.cache import AUGMENT_AND_CACHE
 from qvlm.data.decode import SkipRecord
+from qvlm.data.records import is_text_only
 from qvlm.losses import itg_positions
 
 
@@ -80,7 +81,7 @@ class Stage1Collator:
     def prepare(self, record: dict) -> dict:
         """The record if it can go into a batch, else ``SkipRecord`` (the training stream's check;
         a text-only conversation has no image for stage 1)."""
-        if record.get("image") is None and record.get("image_id") is None:
+        if is_text_only(record):
             raise SkipRecord("text_only", record.get("key", ""))
         return check_cached(record, self.features)
 

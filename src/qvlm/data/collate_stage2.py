@@ -24,6 +24,7 @@ import torch
 from qvlm.config import LLMConfig
 from qvlm.data.collate import check_cached
 from qvlm.data.decode import SkipRecord
+from qvlm.data.records import is_text_only
 from qvlm.prompt import IGNORE, Conversation, Example, PromptError, build_chat, check_batch, check_labels, \
     pick_conversation
 
@@ -51,11 +52,11 @@ class Stage2Collator:
         prompt cannot be built (a template that rejects the turns, a prompt longer than the length
         limit) is skipped as ``bad_prompt``, not fatal. Trailing turns dropped to fit the length
         limit are counted as ``turns_dropped`` notes, one per turn."""
-        if has_image(record):
+        if not is_text_only(record):
             check_cached(record, self.features)
         try:
             chat = self.conversation(record)
-            example = self.example(chat, has_image(record))
+            example = self.example(chat, not is_text_only(record))
         except PromptError as exc:
             raise SkipRecord("bad_prompt", f"{record.get('key', '')}: {exc}") from exc
         notes = tuple(record.get("notes", ())) + ("turns_dropped",) * example.dropped_turns
@@ -63,7 +64,7 @@ class Stage2Collator:
 
     def __call__(self, records: list[dict]) -> dict:
         chats = [r["_chat"] if "_chat" in r else self.conversation(r) for r in records]
-        examples = [r["_example"] if "_example" in r else self.example(c, has_image(r))
+        examples = [r["_example"] if "_example" in r else self.example(c, not is_text_only(r))
                     for r, c in zip(records, chats)]
         batch = {"keys": [r["key"] for r in records], "captions": [r.get("caption") for r in records],
                  "targets": [c.target for c in chats], "prompts": [c.user for c in chats],
@@ -74,7 +75,7 @@ class Stage2Collator:
         batch.update(positions(batch["image_mask"], batch["labels"]))
         if records:
             check_batch(batch["labels"])
-        seen = [r for r in records if has_image(r)]  # image rows, in order: their slots are row-major
+        seen = [r for r in records if not is_text_only(r)]  # image rows, in order: their slots are row-major
         if self.features is not None:
             batch["image_embeds"] = self.features.get([r["image_id"] for r in seen], self.feature_dtype)
         else:
@@ -99,11 +100,6 @@ class Stage2Collator:
             size = self.processor.size
             return torch.zeros((0, 3, size, size))
         return self.processor([r["image"] for r in records])  # (B, 3, H, W)
-
-
-def has_image(record: dict) -> bool:
-    """False for a text-only record (a conversation without an image)."""
-    return record.get("image") is not None or record.get("image_id") is not None
 
 
 def positions(image_mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

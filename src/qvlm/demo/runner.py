@@ -59,11 +59,11 @@ def resolve_precision(precision: str) -> str:
     import torch
 
     from qvlm.config import ConfigError
-    from qvlm.demo.vision_pretrain import has_cpu_bf16
+    from qvlm.train import loop
 
     if precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"--precision must be auto, bf16 or fp32, got {precision!r}")
-    has = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else has_cpu_bf16()
+    has = loop.bf16_available(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if precision == "bf16" and not has:
         raise ConfigError("--precision bf16: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so "
                           "bf16 would be emulated and slower; use --precision fp32 (or auto)")

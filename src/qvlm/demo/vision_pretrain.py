@@ -235,13 +235,6 @@ def lr_at_progress(progress: float, base_lr: float, warmup: float = 0.05, min_ra
     return base_lr * (min_ratio + (1.0 - min_ratio) * cosine)
 
 
-def has_cpu_bf16() -> bool:
-    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @torch.no_grad()
 def evaluate(tower, readout: nn.Module, pixels: Tensor, targets: Tensor, processor: ImageProcessor,
              batch_size: int = 200, grey_view: bool = False) -> dict[str, float]:

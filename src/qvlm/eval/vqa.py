@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from qvlm.data.decode import IMAGE_MARK
+
 # VQAv2's evaluation tables (the official script's processPunctuation and processDigitArticle)
 CONTRACTIONS = {"aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
                 "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
@@ -66,7 +68,7 @@ def questions_of(records: list[dict]) -> list[dict]:
         for q, a in zip(turns, turns[1:]):
             if q["role"] == "user" and a["role"] == "assistant":
                 answers = a.get("answers") or [a["content"]]
-                out.append({"image": r["image"], "question": q["content"].replace("<image>", "").strip(),
+                out.append({"image": r["image"], "question": q["content"].replace(IMAGE_MARK, "").strip(),
                             "answers": answers, "type": q.get("type") or "all"})
     return out
 

@@ -27,6 +27,10 @@ from torch.utils.checkpoint import checkpoint
 MODES = ("unimodal", "bidirectional", "causal")
 OFFSET_POSITION_MODELS = ("roberta", "xlm-roberta", "camembert")  # positions start at pad+1
 
+# The fields a BERT config and transformers' Blip2QFormerConfig share: the Q-Former's shape and init.
+BLIP2_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                       "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id",
+                       "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
 KVCache = list[tuple[Tensor, Tensor]]  # per layer (keys, values) of the query slice, each (B, H, Q, Dh)
 
 
